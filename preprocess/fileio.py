@@ -1,0 +1,102 @@
+"""Atomic outputs: a job's results appear complete or not at all.
+
+Directories are built in a hidden temporary sibling (same filesystem, so the
+final `os.rename` is atomic) and files are written to a temporary name and
+renamed. A failure, Ctrl-C or SIGTERM removes the temporary sibling.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from preprocess.errors import DataError
+
+
+def is_nonempty_dir(path: Path) -> bool:
+  return path.is_dir() and any(path.iterdir())
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+  """Turns SIGTERM into SystemExit so `finally` blocks clean up temporaries."""
+
+  def handler(signum, frame):
+    del frame
+    raise SystemExit(128 + signum)
+
+  try:
+    previous = signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # not the main thread: leave signals alone
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def atomic_directory(final_dir: Path | str, overwrite: bool = False) -> Iterator[Path]:
+  """Yields a temporary directory that replaces `final_dir` on success.
+
+  Refuses an existing non-empty `final_dir` unless `overwrite`; an empty one
+  is replaced. On any exception the temporary directory is deleted and
+  `final_dir` is left exactly as it was.
+  """
+  final_dir = Path(final_dir).absolute()
+  if final_dir.exists() and not final_dir.is_dir():
+    raise DataError(f"{final_dir}: exists and is not a directory")
+  if is_nonempty_dir(final_dir) and not overwrite:
+    raise DataError(
+        f"{final_dir}: output directory exists and is not empty "
+        "(pass --overwrite to replace it)")
+  final_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+  try:
+    with _sigterm_as_exit():
+      yield tmp_dir
+      # Default mkdtemp mode is 0700; give the output the usual permissions.
+      os.chmod(tmp_dir, 0o755)
+      if final_dir.exists():
+        old_dir = final_dir.parent / f".{final_dir.name}.old-{os.getpid()}"
+        os.rename(final_dir, old_dir)
+        os.rename(tmp_dir, final_dir)
+        shutil.rmtree(old_dir, ignore_errors=True)
+      else:
+        os.rename(tmp_dir, final_dir)
+  finally:
+    if tmp_dir.exists():
+      shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_bytes_atomic(path: Path | str, data: bytes) -> None:
+  """Writes `data` to `path` through a temporary sibling and a rename."""
+  path = Path(path)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def write_json_atomic(path: Path | str, obj: Any) -> None:
+  write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def sha256_file(path: Path | str, chunk_bytes: int = 1 << 22) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(chunk_bytes):
+      digest.update(chunk)
+  return digest.hexdigest()

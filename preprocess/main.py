@@ -1,0 +1,94 @@
+"""preprocess: raw click logs -> vocabularies + sharded TFRecords + manifest.
+
+  preprocess --source=news --input=DIR --output_dir=OUT
+  preprocess --source=sasrec_txt --input=ml-1m.txt.gz --output_dir=OUT --holdout=valid_test
+  preprocess --source=movielens --input=ratings.dat --output_dir=OUT
+  preprocess --source=csv --input=log.csv --user_col=u --item_col=i --time_col=t --output_dir=OUT
+
+See preprocess/manifest.py for what OUT contains.
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+from preprocess import manifest as mf
+from preprocess import pipeline, readers
+from preprocess.errors import DataError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("source", None, readers.SOURCES, "Input format.")
+flags.DEFINE_string("input", None, "news: directory with train_click_log.csv and articles.csv; "
+                    "others: the log file (.gz accepted; csv source also reads .parquet).")
+flags.DEFINE_string("output_dir", None, "Output directory (written atomically).")
+flags.DEFINE_boolean("overwrite", False, "Replace a non-empty --output_dir.")
+flags.DEFINE_integer("max_seq_len", 50, "History length of every example (left-padded).")
+flags.DEFINE_enum("samples", "positions", mf.SAMPLES,
+                  "positions: one example per next-item target (the notebooks); windows: "
+                  "non-overlapping windows, every click a target once (SASRec all-position loss).")
+flags.DEFINE_integer("max_samples_per_user", 0,
+                     "Keep at most this many most recent training examples per user (0: all).")
+flags.DEFINE_enum("holdout", "last", list(mf.HOLDOUT_SPLITS),
+                  "last: last click is validation (the notebooks); valid_test: second-to-last "
+                  "validation, last test (published full-ranking protocol).")
+flags.DEFINE_integer("min_user_clicks", 0, "Drop users with fewer clicks (after the item filter).")
+flags.DEFINE_integer("min_item_clicks", 0, "Drop items with fewer clicks (applied first).")
+flags.DEFINE_integer("num_shards", 8, "TFRecord shards per split (fewer if fewer examples).")
+flags.DEFINE_enum("compression", "GZIP", list(mf.COMPRESSIONS), "TFRecord compression.")
+flags.DEFINE_integer("seed", 42, "Seed of the training example shuffle.")
+flags.DEFINE_string("movies", "", "movielens: movies.dat for categories (default: next to "
+                    "the ratings file, if present).")
+flags.DEFINE_string("user_col", "", "csv: user id column.")
+flags.DEFINE_string("item_col", "", "csv: item id column.")
+flags.DEFINE_string("time_col", "", "csv: time column (integer or date); empty: row order.")
+flags.DEFINE_string("category_col", "", "csv: optional item category column.")
+flags.DEFINE_string("delimiter", ",", "csv: field delimiter ('\\t' or 'tab' for tabs).")
+flags.DEFINE_list("column_names", [], "csv: column names for a file without a header line.")
+flags.DEFINE_enum("time_unit", "s", list(readers.TIME_UNITS), "csv: unit of --time_col.")
+
+
+def config_from_flags() -> pipeline.PreprocessConfig:
+  delimiter = {"\\t": "\t", "tab": "\t"}.get(FLAGS.delimiter, FLAGS.delimiter)
+  csv = None
+  if FLAGS.source == "csv":
+    csv = readers.CsvOptions(
+        user_col=FLAGS.user_col, item_col=FLAGS.item_col, time_col=FLAGS.time_col,
+        category_col=FLAGS.category_col, delimiter=delimiter,
+        column_names=tuple(FLAGS.column_names), time_unit=FLAGS.time_unit)
+  return pipeline.PreprocessConfig(
+      source=FLAGS.source, input=FLAGS.input or "", output_dir=FLAGS.output_dir or "",
+      overwrite=FLAGS.overwrite, max_seq_len=FLAGS.max_seq_len, samples=FLAGS.samples,
+      max_samples_per_user=FLAGS.max_samples_per_user, holdout=FLAGS.holdout,
+      min_user_clicks=FLAGS.min_user_clicks, min_item_clicks=FLAGS.min_item_clicks,
+      num_shards=FLAGS.num_shards, compression=FLAGS.compression, seed=FLAGS.seed,
+      movies=FLAGS.movies, csv=csv)
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"preprocess: error: unexpected arguments {argv[1:]}")
+  config = config_from_flags()
+  try:
+    config.validate()
+  except ValueError as e:
+    print(f"preprocess: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    manifest = pipeline.run(config)
+  except DataError as e:
+    print(f"preprocess: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  counts = manifest.counts
+  print(f"preprocess: wrote {manifest.data_dir}: {counts['users']} users, {counts['items']} "
+        f"items, {counts['clicks']} clicks; " + ", ".join(
+            f"{name} {split.num_examples} examples" for name, split in manifest.splits.items()))
+
+
+def run():
+  flags.mark_flags_as_required(["source", "input", "output_dir"])
+  logging.set_verbosity(logging.INFO)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,414 @@
+"""The preprocess job: RawLog -> cleaned clicks -> vocabularies -> examples.
+
+Stages (each vectorised over the whole log; memory is O(clicks) for the log
+arrays plus one chunk of examples at a time while writing):
+
+1. clean: drop exact duplicate rows (user, item, time), apply
+   --min_item_clicks then --min_user_clicks (one pass each), count clicks
+   whose time goes backwards in file order, and sort by (user, time, source
+   row) so equal times keep file order.
+2. vocabularies: users by raw id; items by training clicks (most clicked =
+   index 1, ties by raw id), so popularity order is index order; categories
+   by raw id. Index 0 is padding/unknown everywhere.
+3. holdout (`sequences.split_holdout`) and training targets
+   (`sequences.train_targets`), shuffled globally with --seed and cut into
+   equal shards, so every shard is a fair sample of the whole log.
+4. everything is written into a temporary sibling of --output_dir, which is
+   renamed into place only when complete.
+"""
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from absl import logging
+
+from preprocess import manifest as mf
+from preprocess import readers
+from preprocess import sequences as sq
+from preprocess.errors import DataError
+from preprocess.fileio import atomic_directory, is_nonempty_dir
+from preprocess.tfrecord_writer import TFRecordFileWriter
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+  """Everything that determines a preprocess output (saved in the manifest)."""
+  source: str
+  input: str
+  output_dir: str
+  overwrite: bool = False
+  max_seq_len: int = 50
+  samples: str = "positions"
+  max_samples_per_user: int = 0  # 0: no cap
+  holdout: str = "last"
+  min_user_clicks: int = 0
+  min_item_clicks: int = 0
+  num_shards: int = 8
+  compression: str = "GZIP"
+  seed: int = 42
+  movies: str = ""  # movielens: movies.dat (default: next to the ratings)
+  csv: readers.CsvOptions | None = None
+  num_workers: int = 0  # processes writing shards; 0: one per CPU core
+  examples_per_chunk: int = 16384  # per worker: bounds memory while writing
+
+  def validate(self) -> None:
+    """Raises ValueError naming the flag when the configuration is inconsistent."""
+    if self.source not in readers.SOURCES:
+      raise ValueError(f"--source={self.source!r}: choose from {', '.join(readers.SOURCES)}")
+    if not self.input:
+      raise ValueError("--input is required")
+    if not self.output_dir:
+      raise ValueError("--output_dir is required")
+    if self.max_seq_len < 1:
+      raise ValueError(f"--max_seq_len={self.max_seq_len}: must be >= 1")
+    if self.samples not in mf.SAMPLES:
+      raise ValueError(f"--samples={self.samples!r}: choose from {', '.join(mf.SAMPLES)}")
+    if self.holdout not in mf.HOLDOUT_SPLITS:
+      raise ValueError(f"--holdout={self.holdout!r}: choose from "
+                       f"{', '.join(mf.HOLDOUT_SPLITS)}")
+    if self.compression not in mf.COMPRESSIONS:
+      raise ValueError(f"--compression={self.compression!r}: choose from "
+                       f"{', '.join(mf.COMPRESSIONS)}")
+    for name in ("max_samples_per_user", "min_user_clicks", "min_item_clicks"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"--{name}={getattr(self, name)}: must be >= 0")
+    if self.num_shards < 1:
+      raise ValueError(f"--num_shards={self.num_shards}: must be >= 1")
+    if self.source == "csv":
+      if self.csv is None or not self.csv.user_col or not self.csv.item_col:
+        raise ValueError("--source=csv needs --user_col and --item_col")
+      if self.csv.time_unit not in readers.TIME_UNITS:
+        raise ValueError(f"--time_unit={self.csv.time_unit!r}: choose from "
+                         f"{', '.join(readers.TIME_UNITS)}")
+    if self.examples_per_chunk < 1:
+      raise ValueError("examples_per_chunk must be >= 1")
+    if self.num_workers < 0:
+      raise ValueError(f"--num_workers={self.num_workers}: must be >= 0")
+
+  def resolved_num_workers(self) -> int:
+    if "fork" not in multiprocessing.get_all_start_methods():
+      return 1
+    if self.num_workers:
+      return self.num_workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d.pop("examples_per_chunk")
+    d.pop("num_workers")  # does not change the output
+    return d
+
+
+@dataclasses.dataclass
+class CleanLog:
+  """Clicks after cleaning, sorted by (user raw id, time, source row)."""
+  user_id: np.ndarray
+  item_id: np.ndarray
+  ts: np.ndarray
+  dropped_item_ids: np.ndarray  # removed by --min_item_clicks
+  counts: dict[str, int]
+
+
+def _factorized_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  codes, uniques = pd.factorize(values)
+  return codes, uniques, np.bincount(codes, minlength=len(uniques))
+
+
+def clean_log(log: readers.RawLog, min_item_clicks: int, min_user_clicks: int) -> CleanLog:
+  n = len(log.user_id)
+  counts = {"input_rows": n}
+  frame = pd.DataFrame({"u": log.user_id, "i": log.item_id, "t": log.ts})
+  keep = ~frame.duplicated().to_numpy()
+  counts["duplicate_rows_dropped"] = int(n - keep.sum())
+  user, item, ts = log.user_id[keep], log.item_id[keep], log.ts[keep]
+
+  dropped_items = np.zeros(0, dtype=np.int64)
+  if min_item_clicks > 0:
+    codes, uniques, per_item = _factorized_counts(item)
+    ok = per_item[codes] >= min_item_clicks
+    dropped_items = np.asarray(uniques[per_item < min_item_clicks], dtype=np.int64)
+    user, item, ts = user[ok], item[ok], ts[ok]
+  counts["rows_dropped_min_item_clicks"] = int(keep.sum() - len(user))
+  before_users = len(user)
+  if min_user_clicks > 0:
+    codes, _, per_user = _factorized_counts(user)
+    ok = per_user[codes] >= min_user_clicks
+    counts["users_dropped_min_user_clicks"] = int((per_user < min_user_clicks).sum())
+    user, item, ts = user[ok], item[ok], ts[ok]
+  else:
+    counts["users_dropped_min_user_clicks"] = 0
+  counts["rows_dropped_min_user_clicks"] = int(before_users - len(user))
+  if len(user) == 0:
+    raise DataError(f"{log.clicks_file}: no clicks left after --min_item_clicks="
+                    f"{min_item_clicks} and --min_user_clicks={min_user_clicks}")
+
+  # Times that go backwards within a user, in file order: the input was not
+  # sorted; sorting below fixes it and the manifest records how much.
+  by_user = np.argsort(user, kind="stable")
+  u_sorted, t_sorted = user[by_user], ts[by_user]
+  same_user = u_sorted[1:] == u_sorted[:-1]
+  counts["out_of_order_rows"] = int(np.count_nonzero(same_user & (t_sorted[1:] < t_sorted[:-1])))
+  order = np.lexsort((np.arange(len(user)), ts, user))
+  counts["clicks"] = len(order)
+  return CleanLog(user[order], item[order], ts[order], dropped_items, counts)
+
+
+@dataclasses.dataclass
+class ItemVocabulary:
+  """Items and categories; row i of each table describes index i."""
+  items: pa.Table  # ITEM_COLUMNS except target_count
+  categories: pa.Table  # CATEGORY_COLUMNS
+  item_category: np.ndarray  # int32 [num_items + 1]: category index of each item index
+  counts: dict[str, int]
+
+  @property
+  def size(self) -> int:
+    return len(self.item_category)
+
+
+def _with_padding_row(values: np.ndarray, null: np.ndarray | None = None) -> pa.Array:
+  """int64 column with a null padding row 0 prepended."""
+  values = np.concatenate([[0], np.asarray(values, dtype=np.int64)])
+  mask = np.concatenate([[True], np.zeros(len(values) - 1, bool) if null is None else null])
+  return pa.array(values, mask=mask)
+
+
+def _nullable(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+  return column.to_numpy(dtype=np.int64, na_value=0), column.isna().to_numpy()
+
+
+def build_item_vocabulary(log: readers.RawLog, clean: CleanLog,
+                          train_mask: np.ndarray) -> tuple[ItemVocabulary, np.ndarray]:
+  """Item and category vocabularies; returns them and every click's item index.
+
+  Items are the clicked ones plus every row of the source's item table (the
+  notebooks index all articles, clicked or not), minus --min_item_clicks
+  drops. Index order is training clicks descending, ties by raw id.
+  """
+  features = log.items if log.items is not None else pd.DataFrame(
+      {"item_id": np.zeros(0, np.int64)})
+  if len(clean.dropped_item_ids):
+    features = features[~features["item_id"].isin(clean.dropped_item_ids)]
+  universe = np.unique(np.concatenate([clean.item_id, features["item_id"].to_numpy(np.int64)]))
+  code = np.searchsorted(universe, clean.item_id)
+  train_clicks = np.bincount(code[train_mask], minlength=len(universe))
+  order = np.lexsort((universe, -train_clicks))
+  rank = np.empty(len(universe), dtype=np.int64)
+  rank[order] = np.arange(len(universe))
+  click_item_index = (rank[code] + 1).astype(np.int32)
+  item_ids = universe[order]
+
+  by_item = features.set_index("item_id").reindex(item_ids)
+  empty = pd.Series(pd.array([pd.NA] * len(item_ids), dtype="Int64"))
+  raw_category = by_item["category_id"] if "category_id" in by_item else empty
+  cat_values, cat_null = _nullable(raw_category)
+  named = (log.category_names["category_id"].to_numpy(np.int64)
+           if log.category_names is not None else np.zeros(0, np.int64))
+  category_ids = np.unique(np.concatenate([cat_values[~cat_null], named]))
+  item_category = np.zeros(len(item_ids) + 1, dtype=np.int32)
+  item_category[1:] = np.where(cat_null, 0, np.searchsorted(category_ids, cat_values) + 1)
+
+  columns = {
+      "index": pa.array(np.arange(len(item_ids) + 1, dtype=np.int32)),
+      "item_id": _with_padding_row(item_ids),
+      "category": pa.array(item_category),
+      "category_id": _with_padding_row(cat_values, cat_null),
+  }
+  for name in ("created_at_ts", "words_count"):
+    columns[name] = _with_padding_row(*_nullable(by_item[name] if name in by_item else empty))
+  columns["train_clicks"] = pa.array(np.concatenate([[0], train_clicks[order]]).astype(np.int64))
+  items = pa.table(columns)
+
+  names = pd.Series(dtype=object)
+  if log.category_names is not None:
+    names = log.category_names.set_index("category_id")["name"]
+  category_names = names.reindex(category_ids)
+  categories = pa.table({
+      "index": pa.array(np.arange(len(category_ids) + 1, dtype=np.int32)),
+      "category_id": _with_padding_row(category_ids),
+      "name": pa.array(np.concatenate([[None], category_names.to_numpy(dtype=object)]),
+                       type=pa.string(), from_pandas=True),
+      "num_items": pa.array(np.bincount(item_category[1:], minlength=len(category_ids) + 1)
+                            .astype(np.int64)),
+  })
+  in_table = np.isin(item_ids, features["item_id"].to_numpy(np.int64))
+  all_clicks = np.bincount(click_item_index, minlength=len(item_ids) + 1)[1:]
+  counts = {
+      "items": len(item_ids),
+      "clicked_items": int((all_clicks > 0).sum()),
+      "items_without_clicks": int((all_clicks == 0).sum()),
+      "items_without_features": int((~in_table).sum()) if log.items is not None else 0,
+      "categories": len(category_ids),
+  }
+  return ItemVocabulary(items, categories, item_category, counts), click_item_index
+
+
+def group_users(user_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Sorted user raw ids -> (raw id of user index 1..U, CSR offsets)."""
+  first = np.flatnonzero(np.concatenate([[True], user_id[1:] != user_id[:-1]]))
+  return user_id[first], np.append(first, len(user_id)).astype(np.int64)
+
+
+def _user_histories_table(seqs: sq.Sequences, holdout: sq.Holdout, user_ids: np.ndarray,
+                          train_mask: np.ndarray) -> pa.Table:
+  train_len = holdout.train_end - seqs.starts
+  list_offsets = pa.array(np.concatenate([[0], np.cumsum(train_len)]).astype(np.int32))
+  columns = {
+      "user": pa.array(np.arange(1, seqs.num_users + 1, dtype=np.int32)),
+      "user_id": pa.array(user_ids.astype(np.int64)),
+      "history": pa.ListArray.from_arrays(list_offsets, pa.array(seqs.items[train_mask])),
+      "history_ts": pa.ListArray.from_arrays(list_offsets, pa.array(seqs.ts[train_mask])),
+  }
+  for split in (mf.VALID, mf.TEST):
+    flat = holdout.targets.get(split, np.full(seqs.num_users, -1))
+    held = flat >= 0
+    columns[f"{split}_item"] = pa.array(np.where(held, seqs.items[flat], 0).astype(np.int32))
+    columns[f"{split}_ts"] = pa.array(np.where(held, seqs.ts[flat], 0), mask=~held)
+  return pa.table(columns)
+
+
+# State shared with forked shard writers (inherited copy-on-write, not pickled).
+_SHARD_CONTEXT: dict[str, Any] = {}
+
+
+def _write_shard(job: tuple[str, int, int, np.ndarray]) -> mf.ShardInfo:
+  split, shard, num_shards, targets = job
+  ctx = _SHARD_CONTEXT
+  seqs, config = ctx["seqs"], ctx["config"]
+  relative = mf.shard_file_name(split, shard, num_shards, config.compression)
+  with TFRecordFileWriter(ctx["out_dir"] / relative, config.compression) as writer:
+    for begin in range(0, len(targets), config.examples_per_chunk):
+      chunk = targets[begin:begin + config.examples_per_chunk]
+      users = seqs.user_of(chunk)
+      history, length = sq.pad_left_ragged(seqs.items, seqs.starts[users - 1], chunk,
+                                           config.max_seq_len)
+      target = seqs.items[chunk]
+      writer.write_examples({
+          mf.FEATURE_USER: users,
+          mf.FEATURE_HISTORY: history,
+          mf.FEATURE_LENGTH: length,
+          mf.FEATURE_TARGET: target,
+          mf.FEATURE_TARGET_CATEGORY: ctx["item_category"][target],
+      })
+    sha = writer.close()
+  return mf.ShardInfo(relative, len(targets), writer.bytes_written, sha)
+
+
+def _write_splits(out_dir: Path, targets: dict[str, np.ndarray], seqs: sq.Sequences,
+                  item_category: np.ndarray, config: PreprocessConfig) -> dict[str, mf.SplitInfo]:
+  """Writes every split as equal shards of its targets (in the given order).
+
+  Shards are independent files, so --num_workers forked processes write them
+  in parallel (numpy and zlib only: safe to fork); the output is identical
+  to a single process.
+  """
+  jobs = []
+  for split, split_targets in targets.items():
+    if len(split_targets) == 0:
+      raise DataError(f"--input={config.input}: no {split} examples (every user is too short "
+                      f"for --holdout={config.holdout}?)")
+    (out_dir / split).mkdir(parents=True, exist_ok=True)
+    num_shards = min(config.num_shards, len(split_targets))
+    jobs += [(split, shard, num_shards, part)
+             for shard, part in enumerate(np.array_split(split_targets, num_shards))]
+  _SHARD_CONTEXT.update(out_dir=out_dir, seqs=seqs, item_category=item_category, config=config)
+  workers = min(config.resolved_num_workers(), len(jobs))
+  total = sum(len(t) for t in targets.values())
+  shards: dict[str, list[mf.ShardInfo]] = {split: [] for split in targets}
+  start, written = time.perf_counter(), 0
+  with contextlib.ExitStack() as stack:
+    stack.callback(_SHARD_CONTEXT.clear)
+    if workers > 1:
+      pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
+      results = pool.imap(_write_shard, jobs)
+    else:
+      results = map(_write_shard, jobs)
+    for (split, shard, num_shards, _), info in zip(jobs, results):
+      shards[split].append(info)
+      written += info.num_examples
+      logging.info("%s: shard %d/%d done; %d/%d examples, %.0f examples/s", split, shard + 1,
+                   num_shards, written, total, written / max(time.perf_counter() - start, 1e-9))
+  return {split: mf.SplitInfo(sum(s.num_examples for s in infos), tuple(infos))
+          for split, infos in shards.items()}
+
+
+def run(config: PreprocessConfig) -> mf.Manifest:
+  """Runs the whole job; returns the manifest of the finished output directory."""
+  config.validate()
+  output_dir = Path(config.output_dir)
+  if is_nonempty_dir(output_dir) and not config.overwrite:
+    raise DataError(f"{output_dir.absolute()}: output directory exists and is not empty "
+                    "(pass --overwrite to replace it)")
+  started = time.perf_counter()
+  log = readers.read_source(config.source, config.input, config.csv, config.movies or None)
+  logging.info("read %d rows from %s in %.1fs", len(log.user_id), ", ".join(log.inputs),
+               time.perf_counter() - started)
+
+  clean = clean_log(log, config.min_item_clicks, config.min_user_clicks)
+  user_ids, offsets = group_users(clean.user_id)
+  holdout = sq.split_holdout(sq.Sequences(clean.item_id, clean.ts, offsets), config.holdout)
+  train_mask = holdout.train_mask(sq.Sequences(clean.item_id, clean.ts, offsets))
+  vocab, item_index = build_item_vocabulary(log, clean, train_mask)
+  seqs = sq.Sequences(item_index, clean.ts, offsets)
+  counts = dict(clean.counts)
+  del clean
+
+  targets = {mf.TRAIN: sq.train_targets(seqs, holdout, config.samples, config.max_seq_len,
+                                        config.max_samples_per_user)}
+  predicted = sq.per_position_target_mask(seqs, targets[mf.TRAIN], config.samples,
+                                          config.max_seq_len)
+  target_count = np.bincount(seqs.items[predicted], minlength=vocab.size).astype(np.int64)
+  target_count[0] = 0
+  rng = np.random.default_rng(config.seed)
+  targets[mf.TRAIN] = targets[mf.TRAIN][rng.permutation(len(targets[mf.TRAIN]))]
+  for split in mf.HOLDOUT_SPLITS[config.holdout]:
+    flat = holdout.targets[split]
+    targets[split] = flat[flat >= 0]
+
+  users_table = pa.table({
+      "index": pa.array(np.arange(len(user_ids) + 1, dtype=np.int32)),
+      "user_id": _with_padding_row(user_ids),
+      "num_clicks": pa.array(np.concatenate([[0], seqs.lengths]).astype(np.int64)),
+  })
+  examples_per_user = np.bincount(seqs.user_of(targets[mf.TRAIN]), minlength=len(offsets))[1:]
+  counts.update(
+      train_clicks=int(train_mask.sum()),
+      users_without_holdout=int((holdout.targets[mf.VALID] < 0).sum()),
+      users_without_train_examples=int((examples_per_user == 0).sum()),
+  )
+
+  with atomic_directory(output_dir, overwrite=config.overwrite) as tmp:
+    (tmp / "vocab").mkdir()
+    pq.write_table(vocab.items.append_column("target_count", pa.array(target_count)),
+                   tmp / mf.ITEMS_FILE)
+    pq.write_table(users_table, tmp / mf.USERS_FILE)
+    pq.write_table(vocab.categories, tmp / mf.CATEGORIES_FILE)
+    pq.write_table(_user_histories_table(seqs, holdout, user_ids, train_mask),
+                   tmp / mf.USER_HISTORIES_FILE)
+    splits = _write_splits(tmp, targets, seqs, vocab.item_category, config)
+    manifest = mf.Manifest(
+        source={"type": config.source, "inputs": log.inputs, "time_unit": log.time_unit},
+        flags=config.to_dict(),
+        max_seq_len=config.max_seq_len,
+        samples=config.samples,
+        holdout=config.holdout,
+        compression=config.compression,
+        counts={**counts, **vocab.counts, "users": len(user_ids),
+                **{f"examples_{s}": info.num_examples for s, info in splits.items()}},
+        vocab_sizes={"items": vocab.size, "users": len(user_ids) + 1,
+                     "categories": vocab.categories.num_rows},
+        splits=splits,
+    )
+    mf.write(manifest, tmp)
+  logging.info("wrote %s in %.1fs: %s", output_dir, time.perf_counter() - started,
+               ", ".join(f"{s} {i.num_examples} examples" for s, i in splits.items()))
+  return mf.load(output_dir)

@@ -1,0 +1,306 @@
+"""Readers: each `--source` format -> one `RawLog` of integer ids and times.
+
+Every reader parses with pyarrow (vectorised, multi-threaded; `.gz` and other
+compressions are detected from the file name), never line by line. Ids must
+be integers: a non-integer or empty value is refused with a `DataError`
+naming the file, the column and the line (or Parquet row).
+
+Array position i in a `RawLog` is data row i of the source in file order;
+the pipeline uses it to break timestamp ties, so equal times keep file order.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pyarrow.types as patypes
+
+from preprocess.errors import DataError
+
+SOURCES = ("news", "movielens", "sasrec_txt", "csv")
+TIME_UNITS = ("ms", "s", "order")
+
+NEWS_CLICKS = "train_click_log.csv"
+NEWS_ARTICLES = "articles.csv"
+NEWS_CLICK_COLUMNS = ("user_id", "click_article_id", "click_timestamp")
+NEWS_ARTICLE_COLUMNS = ("article_id", "category_id", "created_at_ts", "words_count")
+
+
+@dataclasses.dataclass
+class RawLog:
+  """A click log in source row order, plus optional item features."""
+  user_id: np.ndarray  # int64
+  item_id: np.ndarray  # int64
+  ts: np.ndarray  # int64, in `time_unit`
+  time_unit: str  # "ms", "s" or "order" (row order is the only clock)
+  inputs: list[str]
+  clicks_file: str  # for error messages
+  # item_id (int64), category_id, created_at_ts, words_count (nullable Int64).
+  items: pd.DataFrame | None = None
+  # category_id (int64) -> name, for sources with named categories.
+  category_names: pd.DataFrame | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CsvOptions:
+  """How `--source=csv` finds its columns."""
+  user_col: str
+  item_col: str
+  time_col: str = ""  # empty: row order gives time
+  category_col: str = ""  # optional: an item's category (its most frequent value)
+  delimiter: str = ","
+  column_names: tuple[str, ...] = ()  # for files without a header line
+  time_unit: str = "s"
+
+
+def _describe_row(row: int, header_lines: int, parquet: bool) -> str:
+  if parquet:
+    return f"row {row + 1}"
+  return f"line {row + 1 + header_lines}"
+
+
+def _column_to_int64(col: pa.ChunkedArray, path: Path, name: str, header_lines: int,
+                     parquet: bool = False) -> np.ndarray:
+  """A pyarrow column -> int64 numpy, or a DataError naming the first bad row."""
+  if col.null_count:
+    row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+    raise DataError(f"{path}: column {name!r} {_describe_row(row, header_lines, parquet)}: "
+                    "empty value")
+  if patypes.is_integer(col.type):
+    return col.to_numpy().astype(np.int64, copy=False)
+  try:  # exact: strings are parsed, floats must be integral
+    return pc.cast(col, pa.int64()).to_numpy()
+  except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+    # Error path only: locate the first offending row for the message.
+    values = pd.Series(col.to_numpy(zero_copy_only=False))
+    numeric = pd.to_numeric(values.astype(str), errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(numeric) | (numeric != np.round(numeric)) | (np.abs(numeric) >= 2.0**63)
+    if not bad.any():
+      raise DataError(f"{path}: column {name!r}: not integer ids ({e})") from e
+    row = int(np.flatnonzero(bad)[0])
+    raise DataError(f"{path}: column {name!r} {_describe_row(row, header_lines, parquet)}: "
+                    f"{str(values.iloc[row])!r} is not an integer") from e
+
+
+def _require_file(path: Path, what: str) -> Path:
+  if path.is_file():
+    return path
+  gz = path.with_name(path.name + ".gz")
+  if gz.is_file():
+    return gz
+  raise DataError(f"{path}: {what} not found")
+
+
+def _read_csv(path: Path, columns: tuple[str, ...], delimiter: str = ",",
+              column_names: tuple[str, ...] = ()) -> tuple[pa.Table, int]:
+  """Reads `columns` of a delimited file; returns the table and header line count."""
+  read_options = pacsv.ReadOptions(column_names=list(column_names) or None,
+                                   block_size=1 << 24)
+  parse_options = pacsv.ParseOptions(delimiter=delimiter)
+  try:
+    with pacsv.open_csv(path, read_options=read_options, parse_options=parse_options) as reader:
+      available = reader.schema.names
+  except pa.ArrowInvalid as e:
+    if "Empty CSV file" in str(e):
+      raise DataError(f"{path}: file is empty") from e
+    raise DataError(f"{path}: cannot parse ({e})") from e
+  missing = [c for c in columns if c not in available]
+  if missing:
+    raise DataError(f"{path}: missing column(s) {missing}; the file has {available}")
+  try:
+    table = pacsv.read_csv(path, read_options=read_options, parse_options=parse_options,
+                           convert_options=pacsv.ConvertOptions(include_columns=list(columns)))
+  except pa.ArrowInvalid as e:
+    raise DataError(f"{path}: cannot parse ({e})") from e
+  return table, 0 if column_names else 1
+
+
+def _read_parquet(path: Path, columns: tuple[str, ...]) -> pa.Table:
+  try:
+    available = pq.read_schema(path).names
+  except (OSError, pa.ArrowInvalid) as e:
+    raise DataError(f"{path}: cannot read Parquet ({e})") from e
+  missing = [c for c in columns if c not in available]
+  if missing:
+    raise DataError(f"{path}: missing column(s) {missing}; the file has {available}")
+  return pq.read_table(path, columns=list(columns))
+
+
+def read_news(input_dir: Path) -> RawLog:
+  """The notebooks' data: train_click_log.csv + articles.csv (times in ms)."""
+  input_dir = Path(input_dir)
+  if not input_dir.is_dir():
+    raise DataError(f"{input_dir}: --source=news needs a directory holding "
+                    f"{NEWS_CLICKS} and {NEWS_ARTICLES}")
+  clicks_path = _require_file(input_dir / NEWS_CLICKS, "click log")
+  articles_path = _require_file(input_dir / NEWS_ARTICLES, "articles file")
+  clicks, header = _read_csv(clicks_path, NEWS_CLICK_COLUMNS)
+  user, item, ts = (_column_to_int64(clicks.column(c), clicks_path, c, header)
+                    for c in NEWS_CLICK_COLUMNS)
+  articles, a_header = _read_csv(articles_path, NEWS_ARTICLE_COLUMNS)
+  items = pd.DataFrame({
+      "item_id": _column_to_int64(articles.column("article_id"), articles_path, "article_id",
+                                  a_header),
+      "category_id": _column_to_int64(articles.column("category_id"), articles_path,
+                                      "category_id", a_header),
+  })
+  for c in ("created_at_ts", "words_count"):
+    items[c] = _column_to_int64(articles.column(c), articles_path, c, a_header)
+  return RawLog(user, item, ts, "ms", [str(clicks_path), str(articles_path)], str(clicks_path),
+                items=_check_unique_items(items, articles_path, a_header))
+
+
+def _check_unique_items(items: pd.DataFrame, path: Path, header_lines: int) -> pd.DataFrame:
+  dup = items["item_id"].duplicated().to_numpy()
+  if dup.any():
+    row = int(np.flatnonzero(dup)[0])
+    raise DataError(f"{path}: line {row + 1 + header_lines}: item id "
+                    f"{items['item_id'].iloc[row]} appears more than once")
+  for c in ("category_id", "created_at_ts", "words_count"):
+    if c in items:
+      items[c] = items[c].astype("Int64")
+  return items
+
+
+def read_movielens(path: Path, movies_path: Path | None = None) -> RawLog:
+  """`UserID::MovieID::Rating::Timestamp` (seconds); every rating is a click.
+
+  Categories come from movies.dat (`MovieID::Title::Genres`, latin-1) when
+  given or found next to the ratings: the first listed genre.
+  """
+  path = Path(path)
+  if path.is_dir():
+    path = _require_file(path / "ratings.dat", "MovieLens ratings file")
+  elif not path.is_file():
+    raise DataError(f"{path}: MovieLens ratings file not found")
+  # '::' is two one-character delimiters around empty fields: 7 columns.
+  names = tuple(f"f{i}" for i in range(7))
+  table, _ = _read_csv(path, ("f0", "f2", "f6"), delimiter=":", column_names=names)
+  fields = {"f0": "UserID", "f2": "MovieID", "f6": "Timestamp"}
+  user, item, ts = (_column_to_int64(table.column(f), path, fields[f], 0) for f in fields)
+  inputs = [str(path)]
+  items = category_names = None
+  if movies_path is None:
+    for candidate in (path.with_name("movies.dat"), path.with_name("movies.dat.gz")):
+      if candidate.is_file():
+        movies_path = candidate
+        break
+  if movies_path is not None:
+    items, category_names = _read_movies(Path(movies_path))
+    inputs.append(str(movies_path))
+  return RawLog(user, item, ts, "s", inputs, str(path), items=items,
+                category_names=category_names)
+
+
+def _read_movies(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+  if not path.is_file():
+    raise DataError(f"{path}: movies file not found")
+  # Titles may hold ':' so split on '::' with pandas string ops (3.9k rows).
+  lines = pd.read_csv(path, sep="\t", header=None, names=["line"], encoding="latin-1",
+                      compression="infer", dtype=str, quoting=3)["line"]
+  movie_id = lines.str.partition("::")[0]
+  genres = lines.str.rpartition("::")[2]
+  ids = _column_to_int64(pa.chunked_array([pa.array(movie_id)]), path, "MovieID", 0)
+  first_genre = genres.str.split("|").str[0].fillna("")
+  names = np.array(sorted(set(first_genre) - {""}))
+  genre_id = pd.Series(np.arange(1, len(names) + 1), index=names)
+  items = pd.DataFrame({"item_id": ids,
+                        "category_id": first_genre.map(genre_id).astype("Int64").to_numpy()})
+  category_names = pd.DataFrame({"category_id": genre_id.to_numpy(np.int64), "name": names})
+  return _check_unique_items(items, path, 0), category_names
+
+
+def read_sasrec_txt(path: Path) -> RawLog:
+  """`user item` per line, chronological within each user; order is the clock."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: file not found")
+  table, _ = _read_csv(path, ("user", "item"), delimiter=" ", column_names=("user", "item"))
+  user = _column_to_int64(table.column("user"), path, "user", 0)
+  item = _column_to_int64(table.column("item"), path, "item", 0)
+  return RawLog(user, item, np.arange(len(user), dtype=np.int64), "order", [str(path)],
+                str(path))
+
+
+def _time_column_to_int64(col: pa.ChunkedArray, path: Path, name: str, header_lines: int,
+                          time_unit: str, parquet: bool) -> np.ndarray:
+  """Integer times pass through; timestamps and date strings -> epoch `time_unit`."""
+  if patypes.is_timestamp(col.type) or patypes.is_date(col.type) or patypes.is_string(col.type):
+    if col.null_count:
+      row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+      raise DataError(f"{path}: column {name!r} "
+                      f"{_describe_row(row, header_lines, parquet)}: empty value")
+    values = pd.Series(col.to_numpy(zero_copy_only=False))
+    if patypes.is_string(col.type):
+      numeric = pd.to_numeric(values, errors="coerce")
+      if numeric.notna().all():
+        return _column_to_int64(col, path, name, header_lines, parquet)
+    parsed = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
+    bad = parsed.isna().to_numpy()
+    if bad.any():
+      row = int(np.flatnonzero(bad)[0])
+      raise DataError(f"{path}: column {name!r} {_describe_row(row, header_lines, parquet)}"
+                      f": {values.iloc[row]!r} is neither an integer time nor a date")
+    since_epoch = parsed - pd.Timestamp("1970-01-01", tz="UTC")
+    ns = since_epoch.to_numpy(dtype="timedelta64[ns]").astype(np.int64)
+    return ns // (1_000_000 if time_unit == "ms" else 1_000_000_000)
+  return _column_to_int64(col, path, name, header_lines, parquet)
+
+
+def read_csv_source(path: Path, options: CsvOptions) -> RawLog:
+  """Any CSV (any delimiter, optional header) or Parquet file with named columns."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: file not found")
+  columns = tuple(c for c in (options.user_col, options.item_col, options.time_col,
+                              options.category_col) if c)
+  parquet = path.suffix in (".parquet", ".pq")
+  if parquet:
+    table, header = _read_parquet(path, columns), 0
+  else:
+    table, header = _read_csv(path, columns, options.delimiter, options.column_names)
+  user = _column_to_int64(table.column(options.user_col), path, options.user_col, header, parquet)
+  item = _column_to_int64(table.column(options.item_col), path, options.item_col, header, parquet)
+  if options.time_col:
+    ts = _time_column_to_int64(table.column(options.time_col), path, options.time_col, header,
+                               options.time_unit, parquet)
+    time_unit = options.time_unit
+  else:
+    ts, time_unit = np.arange(len(user), dtype=np.int64), "order"
+  items = None
+  if options.category_col:
+    category = _column_to_int64(table.column(options.category_col), path, options.category_col,
+                                header, parquet)
+    # An item's category is its most frequent value in the log (ties: smallest id).
+    pairs = pd.DataFrame({"item_id": item, "category_id": category})
+    counts = pairs.value_counts().reset_index(name="n")
+    counts = counts.sort_values(["item_id", "n", "category_id"], ascending=[True, False, True])
+    items = counts.drop_duplicates("item_id")[["item_id", "category_id"]].reset_index(drop=True)
+    items["category_id"] = items["category_id"].astype("Int64")
+  return RawLog(user, item, ts, time_unit, [str(path)], str(path), items=items)
+
+
+def read_source(source: str, input_path: Path | str, csv_options: CsvOptions | None = None,
+                movies_path: Path | str | None = None) -> RawLog:
+  """Dispatches on `--source`."""
+  input_path = Path(input_path)
+  if source == "news":
+    log = read_news(input_path)
+  elif source == "movielens":
+    log = read_movielens(input_path, Path(movies_path) if movies_path else None)
+  elif source == "sasrec_txt":
+    log = read_sasrec_txt(input_path)
+  elif source == "csv":
+    if csv_options is None:
+      raise ValueError("--source=csv needs CsvOptions")
+    log = read_csv_source(input_path, csv_options)
+  else:
+    raise ValueError(f"unknown source {source!r}; choose from {SOURCES}")
+  if len(log.user_id) == 0:
+    raise DataError(f"{log.clicks_file}: the click log has no rows")
+  return log

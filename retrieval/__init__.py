@@ -1,0 +1,1 @@
+"""The `retrieval` job (issue 4)."""

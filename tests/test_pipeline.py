@@ -1,0 +1,298 @@
+"""The whole preprocess job: outputs checked against an independent reference."""
+
+import collections
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+
+from conftest import make_config
+from preprocess import manifest as mf
+from preprocess import pipeline, tfrecord_writer
+from preprocess.errors import DataError
+from preprocess.vocab import Vocabulary
+
+
+def read_split(manifest, split):
+  """All examples of a split as numpy arrays, and per-shard counts."""
+  spec = {name: tf.io.FixedLenFeature(shape, tf.int64)
+          for name, shape in manifest.feature_shapes.items()}
+  per_shard, parts = [], []
+  for path in manifest.shard_paths(split):
+    dataset = tf.data.TFRecordDataset(str(path), compression_type=manifest.tfrecord_compression)
+    batches = [tf.io.parse_example(b, spec) for b in dataset.batch(1024)]
+    per_shard.append(sum(len(b[mf.FEATURE_TARGET]) for b in batches))
+    parts += batches
+  return {name: np.concatenate([p[name].numpy() for p in parts]) for name in spec}, per_shard
+
+
+def reference_examples(clicks, holdout, max_len):
+  """The notebooks' loops, written plainly: (user, history, target) per split."""
+  clicks = clicks.reset_index().sort_values(["user_id", "click_timestamp", "index"])
+  held = {"last": 1, "valid_test": 2}[holdout]
+  out = collections.defaultdict(list)
+  for user, group in clicks.groupby("user_id"):
+    items = group["click_article_id"].tolist()
+    train = items[:-held] if len(items) > held else items
+    for t in range(1, len(train)):
+      out["train"].append((user, tuple(train[max(0, t - max_len):t]), train[t]))
+    if len(items) > held:
+      seen = list(train)
+      for split, target in zip(["valid", "test"], items[len(train):]):
+        out[split].append((user, tuple(seen[-max_len:]), target))
+        seen.append(target)
+  return out
+
+
+def to_raw_tuples(manifest, examples):
+  users = Vocabulary.from_parquet(manifest.path(mf.USERS_FILE), "user_id")
+  items = Vocabulary.from_parquet(manifest.path(mf.ITEMS_FILE), "item_id")
+  rows = []
+  for user, hist, length, target in zip(examples["user"], examples["history"],
+                                        examples["length"], examples["target"]):
+    real = hist[len(hist) - length:]
+    assert (hist[:len(hist) - length] == 0).all()  # left padding
+    assert (real > 0).all()
+    rows.append((int(users.to_raw([user])[0]), tuple(items.to_raw(real).tolist()),
+                 int(items.to_raw([target])[0])))
+  return rows
+
+
+@pytest.mark.parametrize("holdout", ["last", "valid_test"])
+def test_examples_equal_the_reference_on_the_tiny_log(tiny_news_dir, tmp_path, holdout):
+  manifest = pipeline.run(make_config(tiny_news_dir, tmp_path / "out", holdout=holdout,
+                                      max_seq_len=5))
+  clicks = pd.read_csv(tiny_news_dir / "train_click_log.csv")
+  expected = reference_examples(clicks, holdout, 5)
+  assert set(manifest.splits) == {"train", *mf.HOLDOUT_SPLITS[holdout]}
+  for split in manifest.splits:
+    examples, _ = read_split(manifest, split)
+    got = to_raw_tuples(manifest, examples)
+    assert collections.Counter(got) == collections.Counter(expected[split]), split
+    items = pq.read_table(manifest.path(mf.ITEMS_FILE)).to_pandas()
+    np.testing.assert_array_equal(examples["target_category"],
+                                  items["category"].to_numpy()[examples["target"]])
+
+
+def test_tfrecords_match_the_manifest(tiny_data):
+  manifest = mf.load(tiny_data.data_dir)
+  assert manifest == tiny_data
+  for split, info in manifest.splits.items():
+    manifest.verify_shards(split, checksums=True)
+    examples, per_shard = read_split(manifest, split)
+    assert per_shard == [s.num_examples for s in info.shards]
+    assert len(examples["target"]) == info.num_examples == manifest.counts[f"examples_{split}"]
+    assert examples["history"].shape[1] == manifest.max_seq_len
+    assert examples["user"].max() < manifest.vocab_sizes["users"]
+    assert examples["target"].max() < manifest.vocab_sizes["items"]
+  # Equal shards: sizes differ by at most one example.
+  sizes = [s.num_examples for s in manifest.splits["train"].shards]
+  assert max(sizes) - min(sizes) <= 1
+
+
+def test_training_examples_are_shuffled_across_shards(tiny_data):
+  examples, _ = read_split(tiny_data, "train")
+  # In user order the user index would never decrease; shuffled it does often.
+  assert (np.diff(examples["user"]) < 0).mean() > 0.3
+  first_shard_users = set(read_split_first_shard(tiny_data))
+  assert len(first_shard_users) > 0.5 * tiny_data.counts["users"]
+
+
+def read_split_first_shard(manifest):
+  spec = {"user": tf.io.FixedLenFeature([], tf.int64)}
+  dataset = tf.data.TFRecordDataset(str(manifest.shard_paths("train")[0]), "GZIP")
+  return np.concatenate([tf.io.parse_example(b, spec)["user"].numpy()
+                         for b in dataset.batch(4096)])
+
+
+def test_vocabulary_tables(tiny_data, tiny_news_dir):
+  items = pq.read_table(tiny_data.path(mf.ITEMS_FILE)).to_pandas()
+  assert tuple(items.columns) == mf.ITEM_COLUMNS
+  assert items["index"].tolist() == list(range(len(items)))
+  assert pd.isna(items.loc[0, "item_id"]) and items.loc[0, "category"] == 0
+  # Index order is popularity order (training clicks, descending).
+  assert (np.diff(items["train_clicks"].to_numpy()[1:]) <= 0).all()
+  # Every article is in the vocabulary with its features, clicked or not.
+  articles = pd.read_csv(tiny_news_dir / "articles.csv")
+  merged = items.iloc[1:].merge(articles, left_on="item_id", right_on="article_id",
+                                suffixes=("", "_src"))
+  assert len(merged) == len(articles) == tiny_data.counts["items"]
+  assert (merged["category_id"] == merged["category_id_src"]).all()
+  assert (merged["words_count"] == merged["words_count_src"]).all()
+  categories = pq.read_table(tiny_data.path(mf.CATEGORIES_FILE)).to_pandas()
+  assert categories["num_items"].sum() == len(items) - 1
+  assert tiny_data.counts["categories"] == articles["category_id"].nunique()
+  # logQ frequencies: positions mode predicts every training click but each user's first.
+  assert items["target_count"].sum() == tiny_data.counts["examples_train"]
+
+
+def test_user_histories(tiny_data, tiny_news_dir):
+  hist = pq.read_table(tiny_data.path(mf.USER_HISTORIES_FILE)).to_pandas()
+  assert tuple(hist.columns) == mf.HISTORY_COLUMNS
+  clicks = pd.read_csv(tiny_news_dir / "train_click_log.csv").sort_values(
+      ["user_id", "click_timestamp"], kind="stable")
+  items = Vocabulary.from_parquet(tiny_data.path(mf.ITEMS_FILE), "item_id")
+  some = hist.sample(20, random_state=0)
+  for row in some.itertuples():
+    raw = clicks.loc[clicks.user_id == row.user_id, "click_article_id"].tolist()
+    full = list(items.to_raw(row.history)) + [
+        int(items.to_raw([i])[0]) for i in (row.valid_item, row.test_item) if i > 0]
+    assert full == raw
+
+
+def log_frame(rows):
+  return pd.DataFrame(rows, columns=["user_id", "click_article_id", "click_timestamp"])
+
+
+def write_news(directory, clicks, articles=None):
+  directory.mkdir(parents=True, exist_ok=True)
+  clicks.to_csv(directory / "train_click_log.csv", index=False)
+  if articles is None:
+    ids = sorted(set(clicks["click_article_id"]))
+    articles = pd.DataFrame({"article_id": ids, "category_id": [i % 2 for i in ids],
+                             "created_at_ts": 0, "words_count": 100})
+  articles.to_csv(directory / "articles.csv", index=False)
+  return directory
+
+
+def test_cleaning_counts_on_a_hand_written_log(tmp_path):
+  # user 1: unsorted (time 30 before 20), with an exact duplicate row;
+  # user 2: one click; user 3: three clicks, tie at time 5 keeps file order.
+  raw = write_news(tmp_path / "raw", log_frame([
+      (1, 10, 30), (1, 11, 20), (1, 12, 40), (1, 12, 40),
+      (2, 10, 5),
+      (3, 13, 5), (3, 14, 5), (3, 10, 7),
+  ]))
+  manifest = pipeline.run(make_config(raw, tmp_path / "out"))
+  c = manifest.counts
+  assert c["input_rows"] == 8
+  assert c["duplicate_rows_dropped"] == 1
+  assert c["out_of_order_rows"] == 1
+  assert c["clicks"] == 7
+  assert c["users"] == 3
+  assert c["users_without_holdout"] == 1  # user 2
+  assert c["train_clicks"] == 5  # 11 10 | 10 | 13 14
+  hist = pq.read_table(manifest.path(mf.USER_HISTORIES_FILE)).to_pandas()
+  items = Vocabulary.from_parquet(manifest.path(mf.ITEMS_FILE), "item_id")
+  assert [items.to_raw(h).tolist() for h in hist["history"]] == [[11, 10], [10], [13, 14]]
+  assert items.to_raw(hist["valid_item"][[0, 2]]).tolist() == [12, 10]
+  assert hist["valid_item"][1] == 0 and pd.isna(hist["valid_ts"][1])
+  # Item 10 has 2 training clicks, 11/13/14 one each (ties by raw id), 12 none.
+  assert items.raw_ids.tolist() == [10, 11, 13, 14, 12]
+
+
+def test_min_clicks_filters(tmp_path):
+  raw = write_news(tmp_path / "raw", log_frame([
+      (1, 10, 1), (1, 11, 2), (1, 10, 3), (2, 10, 1), (2, 12, 2), (3, 11, 1)]))
+  manifest = pipeline.run(make_config(raw, tmp_path / "out", min_item_clicks=2,
+                                      min_user_clicks=2))
+  c = manifest.counts
+  # Item 12 (1 click) goes first, then user 2 (1 click left) and user 3 (1 click).
+  assert c["rows_dropped_min_item_clicks"] == 1
+  assert c["users_dropped_min_user_clicks"] == 2
+  assert c["rows_dropped_min_user_clicks"] == 2
+  assert (c["clicks"], c["users"], c["items"]) == (3, 1, 2)
+
+
+def test_refuses_nonempty_output_dir_and_overwrites_on_request(tiny_news_dir, tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "keep.txt").write_text("x")
+  with pytest.raises(DataError, match="not empty.*--overwrite"):
+    pipeline.run(make_config(tiny_news_dir, out))
+  assert (out / "keep.txt").exists()
+  pipeline.run(make_config(tiny_news_dir, out, overwrite=True))
+  assert not (out / "keep.txt").exists()
+  assert (out / mf.MANIFEST_FILE).exists()
+  assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporaries left
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failure_leaves_no_partial_output(tiny_news_dir, tmp_path, monkeypatch, existing):
+  out = tmp_path / "out"
+  if existing:
+    pipeline.run(make_config(tiny_news_dir, out))
+    before = (out / mf.MANIFEST_FILE).read_text()
+  calls = []
+
+  def failing_write(self, features):
+    calls.append(1)
+    if len(calls) == 2:
+      raise OSError("disk full")
+    return original(self, features)
+
+  original = tfrecord_writer.TFRecordFileWriter.write_examples
+  monkeypatch.setattr(tfrecord_writer.TFRecordFileWriter, "write_examples", failing_write)
+  with pytest.raises(OSError, match="disk full"):
+    pipeline.run(make_config(tiny_news_dir, out, overwrite=True))
+  assert len(calls) == 2
+  if existing:
+    assert (out / mf.MANIFEST_FILE).read_text() == before  # old output untouched
+  else:
+    assert not out.exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
+
+
+def test_bad_input_leaves_no_output(tmp_path):
+  raw = write_news(tmp_path / "raw", log_frame([(1, 10, 1), (2, 11, 1)]))
+  with pytest.raises(DataError, match="no train examples"):
+    pipeline.run(make_config(raw, tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
+def test_output_is_deterministic_and_seeded(tiny_news_dir, tmp_path):
+  runs = [pipeline.run(make_config(tiny_news_dir, tmp_path / name, seed=seed))
+          for name, seed in (("a", 1), ("b", 1), ("c", 2))]
+  sha = [{s: [x.sha256 for x in info.shards] for s, info in m.splits.items()} for m in runs]
+  assert sha[0] == sha[1]
+  assert sha[0]["train"] != sha[2]["train"]  # another shuffle
+  assert sha[0]["valid"] == sha[2]["valid"]  # evaluation examples are not shuffled
+
+
+def test_parallel_writers_give_identical_output(tiny_news_dir, tmp_path):
+  serial = pipeline.run(make_config(tiny_news_dir, tmp_path / "a", num_workers=1))
+  parallel = pipeline.run(make_config(tiny_news_dir, tmp_path / "b", num_workers=2))
+  assert serial.splits == parallel.splits
+
+
+def test_windows_samples(tiny_news_dir, tmp_path):
+  manifest = pipeline.run(make_config(tiny_news_dir, tmp_path / "w", samples="windows",
+                                      max_seq_len=4))
+  examples, _ = read_split(manifest, "train")
+  items = pq.read_table(manifest.path(mf.ITEMS_FILE)).to_pandas()
+  # Every training click but each user's first is predicted exactly once
+  # (every user has at least one training click).
+  assert items["target_count"].sum() == manifest.counts["train_clicks"] - manifest.counts["users"]
+  # A window's positions predict history[1:] + [target]: as many targets as
+  # history length in total.
+  assert examples["length"].sum() == items["target_count"].sum()
+  assert manifest.samples == "windows"
+
+
+def test_manifest_load_errors(tiny_data, tmp_path):
+  with pytest.raises(DataError, match="no manifest.json"):
+    mf.load(tmp_path)
+  bad = json.loads(tiny_data.path(mf.MANIFEST_FILE).read_text())
+  bad["schema_version"] = 999
+  (tmp_path / mf.MANIFEST_FILE).write_text(json.dumps(bad))
+  with pytest.raises(DataError, match="schema_version 999"):
+    mf.load(tmp_path)
+  (tmp_path / mf.MANIFEST_FILE).write_text("{not json")
+  with pytest.raises(DataError, match="not valid JSON"):
+    mf.load(tmp_path)
+
+
+def test_damaged_shard_is_named(tiny_news_dir, tmp_path):
+  manifest = pipeline.run(make_config(tiny_news_dir, tmp_path / "out"))
+  shard = manifest.shard_paths("train")[1]
+  data = shard.read_bytes()
+  shard.write_bytes(data[:-10])
+  with pytest.raises(DataError, match=f"{shard.name}: shard is .* bytes, manifest says"):
+    manifest.verify_shards("train")
+  shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+  manifest.verify_shards("train")  # same size: only the checksum sees it
+  with pytest.raises(DataError, match=f"{shard.name}: SHA-256 differs"):
+    manifest.verify_shards("train", checksums=True)

@@ -1,0 +1,164 @@
+"""Every reader on small fixtures written here, and bad input."""
+
+import gzip
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from preprocess import readers
+from preprocess.errors import DataError
+
+CLICKS = ("user_id,click_article_id,click_timestamp,click_environment\n"
+          "7,100,3000,4\n5,101,1000,4\n7,102,2000,4\n")
+ARTICLES = ("article_id,category_id,created_at_ts,words_count\n"
+            "100,1,10,200\n101,2,20,300\n102,1,30,400\n103,3,40,500\n")
+
+
+def write(path, text, compress=False):
+  if compress:
+    with gzip.open(path, "wt") as f:
+      f.write(text)
+  else:
+    path.write_text(text)
+  return path
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_news_reader(tmp_path, compress):
+  suffix = ".gz" if compress else ""
+  write(tmp_path / f"train_click_log.csv{suffix}", CLICKS, compress)
+  write(tmp_path / f"articles.csv{suffix}", ARTICLES, compress)
+  log = readers.read_source("news", tmp_path)
+  assert log.user_id.tolist() == [7, 5, 7]  # file order kept
+  assert log.item_id.tolist() == [100, 101, 102]
+  assert log.ts.tolist() == [3000, 1000, 2000]
+  assert log.time_unit == "ms"
+  assert log.items["item_id"].tolist() == [100, 101, 102, 103]
+  assert log.items["category_id"].tolist() == [1, 2, 1, 3]
+  assert log.items["words_count"].tolist() == [200, 300, 400, 500]
+
+
+def test_movielens_reader_with_movies_categories(tmp_path):
+  with gzip.open(tmp_path / "ratings.dat.gz", "wt") as f:
+    f.write("1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n")
+  (tmp_path / "movies.dat").write_bytes(
+      "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
+      "661::James and the Giant Peach: The Movie (1996)::Animation|Children's\n"
+      "5::Caf\xe9 Society::Comedy|Drama\n".encode("latin-1"))
+  log = readers.read_source("movielens", tmp_path / "ratings.dat.gz")
+  assert log.user_id.tolist() == [1, 1, 2]
+  assert log.item_id.tolist() == [1193, 661, 1193]
+  assert log.ts.tolist() == [978300760, 978302109, 978298413]
+  assert log.time_unit == "s"
+  # First genre, genres numbered alphabetically from 1: Animation, Comedy, Drama.
+  assert dict(zip(log.items["item_id"], log.items["category_id"])) == {1193: 3, 661: 1, 5: 2}
+  assert log.category_names["name"].tolist() == ["Animation", "Comedy", "Drama"]
+
+
+def test_sasrec_txt_reader_uses_line_order_as_time(tmp_path):
+  with gzip.open(tmp_path / "ml.txt.gz", "wt") as f:
+    f.write("1 30\n1 10\n2 20\n")
+  log = readers.read_source("sasrec_txt", tmp_path / "ml.txt.gz")
+  assert log.user_id.tolist() == [1, 1, 2]
+  assert log.item_id.tolist() == [30, 10, 20]
+  assert log.ts.tolist() == [0, 1, 2]
+  assert log.time_unit == "order"
+
+
+def test_csv_reader_with_header_dates_and_categories(tmp_path):
+  path = write(tmp_path / "log.csv",
+               "u,i,when,cat\n1,10,2024-01-02,5\n1,11,2024-01-01,6\n2,10,2024-01-03,5\n"
+               "3,10,2024-01-03,7\n")
+  opts = readers.CsvOptions(user_col="u", item_col="i", time_col="when", category_col="cat")
+  log = readers.read_source("csv", path, opts)
+  assert log.user_id.tolist() == [1, 1, 2, 3]
+  assert log.ts.tolist() == [1704153600, 1704067200, 1704240000, 1704240000]
+  # Item 10's most frequent category is 5 (2 of 3 rows).
+  assert dict(zip(log.items["item_id"], log.items["category_id"])) == {10: 5, 11: 6}
+
+
+def test_csv_reader_headerless_tab_separated(tmp_path):
+  path = write(tmp_path / "u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
+  opts = readers.CsvOptions(user_col="user", item_col="item", time_col="ts", delimiter="\t",
+                            column_names=("user", "item", "rating", "ts"))
+  log = readers.read_source("csv", path, opts)
+  assert log.user_id.tolist() == [196, 186]
+  assert log.ts.tolist() == [881250949, 891717742]
+
+
+def test_csv_reader_parquet_without_time_uses_row_order(tmp_path):
+  pd.DataFrame({"user": [3, 3, 4], "item": [7, 8, 7]}).to_parquet(tmp_path / "log.parquet")
+  log = readers.read_source("csv", tmp_path / "log.parquet",
+                            readers.CsvOptions(user_col="user", item_col="item"))
+  assert log.item_id.tolist() == [7, 8, 7]
+  assert log.ts.tolist() == [0, 1, 2]
+  assert log.time_unit == "order"
+
+
+def test_missing_file_names_the_path(tmp_path):
+  write(tmp_path / "articles.csv", ARTICLES)
+  with pytest.raises(DataError, match=r"train_click_log\.csv: click log not found"):
+    readers.read_source("news", tmp_path)
+
+
+def test_missing_column_names_file_and_column(tmp_path):
+  write(tmp_path / "train_click_log.csv", "user_id,article,click_timestamp\n1,2,3\n")
+  write(tmp_path / "articles.csv", ARTICLES)
+  with pytest.raises(DataError, match=r"train_click_log\.csv: missing column\(s\) "
+                     r"\['click_article_id'\]"):
+    readers.read_source("news", tmp_path)
+
+
+@pytest.mark.parametrize("bad,line,what", [
+    ("7,abc,3000", 3, "'abc' is not an integer"),
+    ("7,1.5,3000", 3, "'1.5' is not an integer"),
+    ("7,,3000", 3, "empty value"),
+])
+def test_non_integer_id_names_file_column_and_line(tmp_path, bad, line, what):
+  write(tmp_path / "train_click_log.csv",
+        "user_id,click_article_id,click_timestamp\n5,101,1000\n" + bad + "\n7,102,2\n")
+  write(tmp_path / "articles.csv", ARTICLES)
+  with pytest.raises(DataError) as e:
+    readers.read_source("news", tmp_path)
+  message = str(e.value)
+  assert "train_click_log.csv" in message
+  assert "column 'click_article_id'" in message
+  assert f"line {line}" in message
+  assert what in message
+
+
+def test_sasrec_txt_bad_line_is_named(tmp_path):
+  path = write(tmp_path / "x.txt", "1 10\n1 x7\n")
+  with pytest.raises(DataError, match=r"x\.txt: column 'item' line 2: 'x7' is not an integer"):
+    readers.read_source("sasrec_txt", path)
+
+
+def test_empty_log_is_refused(tmp_path):
+  write(tmp_path / "train_click_log.csv", "user_id,click_article_id,click_timestamp\n")
+  write(tmp_path / "articles.csv", ARTICLES)
+  with pytest.raises(DataError, match="has no rows"):
+    readers.read_source("news", tmp_path)
+  empty = write(tmp_path / "empty.txt", "")
+  with pytest.raises(DataError, match=r"empty\.txt: file is empty"):
+    readers.read_source("sasrec_txt", empty)
+
+
+def test_duplicate_article_rows_are_refused(tmp_path):
+  write(tmp_path / "train_click_log.csv", CLICKS)
+  write(tmp_path / "articles.csv", ARTICLES + "101,9,9,9\n")
+  with pytest.raises(DataError, match=r"articles\.csv: line 6: item id 101 appears more than"):
+    readers.read_source("news", tmp_path)
+
+
+def test_bad_date_is_named(tmp_path):
+  path = write(tmp_path / "log.csv", "u,i,t\n1,2,2024-01-01\n1,3,yesterday\n")
+  with pytest.raises(DataError, match=r"column 't' line 3: 'yesterday' is neither"):
+    readers.read_source("csv", path, readers.CsvOptions("u", "i", "t"))
+
+
+def test_large_ids_are_exact(tmp_path):
+  big = 2**62 + 1  # above float precision
+  path = write(tmp_path / "x.txt", f"{big} 1\n{big} 2\n")
+  log = readers.read_source("sasrec_txt", path)
+  assert log.user_id.dtype == np.int64 and int(log.user_id[0]) == big

@@ -1,0 +1,1 @@
+"""The `trainer` job (issue 3)."""
