@@ -114,7 +114,9 @@ class CleanLog:
   user_id: np.ndarray
   item_id: np.ndarray
   ts: np.ndarray
-  dropped_item_ids: np.ndarray  # removed by --min_item_clicks
+  # Items passing --min_item_clicks (None: no filter); item-table rows outside
+  # it, never-clicked ones included, leave the vocabulary.
+  kept_item_ids: np.ndarray | None
   counts: dict[str, int]
 
 
@@ -131,11 +133,11 @@ def clean_log(log: readers.RawLog, min_item_clicks: int, min_user_clicks: int) -
   counts["duplicate_rows_dropped"] = int(n - keep.sum())
   user, item, ts = log.user_id[keep], log.item_id[keep], log.ts[keep]
 
-  dropped_items = np.zeros(0, dtype=np.int64)
+  kept_items = None
   if min_item_clicks > 0:
     codes, uniques, per_item = _factorized_counts(item)
     ok = per_item[codes] >= min_item_clicks
-    dropped_items = np.asarray(uniques[per_item < min_item_clicks], dtype=np.int64)
+    kept_items = np.asarray(uniques[per_item >= min_item_clicks], dtype=np.int64)
     user, item, ts = user[ok], item[ok], ts[ok]
   counts["rows_dropped_min_item_clicks"] = int(keep.sum() - len(user))
   before_users = len(user)
@@ -159,7 +161,7 @@ def clean_log(log: readers.RawLog, min_item_clicks: int, min_user_clicks: int) -
   counts["out_of_order_rows"] = int(np.count_nonzero(same_user & (t_sorted[1:] < t_sorted[:-1])))
   order = np.lexsort((np.arange(len(user)), ts, user))
   counts["clicks"] = len(order)
-  return CleanLog(user[order], item[order], ts[order], dropped_items, counts)
+  return CleanLog(user[order], item[order], ts[order], kept_items, counts)
 
 
 @dataclasses.dataclass
@@ -196,8 +198,8 @@ def build_item_vocabulary(log: readers.RawLog, clean: CleanLog,
   """
   features = log.items if log.items is not None else pd.DataFrame(
       {"item_id": np.zeros(0, np.int64)})
-  if len(clean.dropped_item_ids):
-    features = features[~features["item_id"].isin(clean.dropped_item_ids)]
+  if clean.kept_item_ids is not None:
+    features = features[features["item_id"].isin(clean.kept_item_ids)]
   universe = np.unique(np.concatenate([clean.item_id, features["item_id"].to_numpy(np.int64)]))
   code = np.searchsorted(universe, clean.item_id)
   train_clicks = np.bincount(code[train_mask], minlength=len(universe))
@@ -208,7 +210,8 @@ def build_item_vocabulary(log: readers.RawLog, clean: CleanLog,
   item_ids = universe[order]
 
   by_item = features.set_index("item_id").reindex(item_ids)
-  empty = pd.Series(pd.array([pd.NA] * len(item_ids), dtype="Int64"))
+  empty = pd.Series(pd.arrays.IntegerArray(np.zeros(len(item_ids), np.int64),
+                                           np.ones(len(item_ids), bool)))
   raw_category = by_item["category_id"] if "category_id" in by_item else empty
   cat_values, cat_null = _nullable(raw_category)
   named = (log.category_names["category_id"].to_numpy(np.int64)
@@ -260,13 +263,15 @@ def group_users(user_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _user_histories_table(seqs: sq.Sequences, holdout: sq.Holdout, user_ids: np.ndarray,
                           train_mask: np.ndarray) -> pa.Table:
-  train_len = holdout.train_end - seqs.starts
-  list_offsets = pa.array(np.concatenate([[0], np.cumsum(train_len)]).astype(np.int32))
+  offsets = np.concatenate([[0], np.cumsum(holdout.train_end - seqs.starts)])
+  # list<> offsets are int32; beyond 2**31 training clicks use large_list<>.
+  list_type = pa.ListArray if offsets[-1] < 2**31 else pa.LargeListArray
+  list_offsets = pa.array(offsets.astype(np.int32 if list_type is pa.ListArray else np.int64))
   columns = {
       "user": pa.array(np.arange(1, seqs.num_users + 1, dtype=np.int32)),
       "user_id": pa.array(user_ids.astype(np.int64)),
-      "history": pa.ListArray.from_arrays(list_offsets, pa.array(seqs.items[train_mask])),
-      "history_ts": pa.ListArray.from_arrays(list_offsets, pa.array(seqs.ts[train_mask])),
+      "history": list_type.from_arrays(list_offsets, pa.array(seqs.items[train_mask])),
+      "history_ts": list_type.from_arrays(list_offsets, pa.array(seqs.ts[train_mask])),
   }
   for split in (mf.VALID, mf.TEST):
     flat = holdout.targets.get(split, np.full(seqs.num_users, -1))
@@ -354,13 +359,17 @@ def run(config: PreprocessConfig) -> mf.Manifest:
                time.perf_counter() - started)
 
   clean = clean_log(log, config.min_item_clicks, config.min_user_clicks)
+  # The cleaned, sorted copy replaces the raw columns; free them early.
+  no_rows = np.zeros(0, np.int64)
+  log = dataclasses.replace(log, user_id=no_rows, item_id=no_rows, ts=no_rows)
   user_ids, offsets = group_users(clean.user_id)
-  holdout = sq.split_holdout(sq.Sequences(clean.item_id, clean.ts, offsets), config.holdout)
-  train_mask = holdout.train_mask(sq.Sequences(clean.item_id, clean.ts, offsets))
+  raw_seqs = sq.Sequences(clean.item_id, clean.ts, offsets)  # raw item ids: holdout only
+  holdout = sq.split_holdout(raw_seqs, config.holdout)
+  train_mask = holdout.train_mask(raw_seqs)
   vocab, item_index = build_item_vocabulary(log, clean, train_mask)
   seqs = sq.Sequences(item_index, clean.ts, offsets)
   counts = dict(clean.counts)
-  del clean
+  del clean, raw_seqs
 
   targets = {mf.TRAIN: sq.train_targets(seqs, holdout, config.samples, config.max_seq_len,
                                         config.max_samples_per_user)}
@@ -396,7 +405,8 @@ def run(config: PreprocessConfig) -> mf.Manifest:
                    tmp / mf.USER_HISTORIES_FILE)
     splits = _write_splits(tmp, targets, seqs, vocab.item_category, config)
     manifest = mf.Manifest(
-        source={"type": config.source, "inputs": log.inputs, "time_unit": log.time_unit},
+        source={"type": config.source, "time_unit": log.time_unit,
+                "inputs": [str(Path(p).absolute()) for p in log.inputs]},
         flags=config.to_dict(),
         max_seq_len=config.max_seq_len,
         samples=config.samples,

@@ -184,13 +184,30 @@ def test_cleaning_counts_on_a_hand_written_log(tmp_path):
   assert items.raw_ids.tolist() == [10, 11, 13, 14, 12]
 
 
+def test_items_missing_from_or_only_in_the_articles_file(tmp_path):
+  clicks = log_frame([(1, 10, 1), (1, 11, 2), (1, 99, 3)])  # 99 has no article row
+  articles = pd.DataFrame({"article_id": [10, 11, 12], "category_id": [5, 6, 6],
+                           "created_at_ts": 0, "words_count": 1})  # 12 is never clicked
+  manifest = pipeline.run(make_config(write_news(tmp_path / "raw", clicks, articles),
+                                      tmp_path / "out"))
+  c = manifest.counts
+  assert (c["items"], c["clicked_items"], c["items_without_clicks"],
+          c["items_without_features"], c["categories"]) == (4, 3, 1, 1, 2)
+  items = pq.read_table(manifest.path(mf.ITEMS_FILE)).to_pandas().set_index("item_id")
+  assert items.loc[99, "category"] == 0 and pd.isna(items.loc[99, "category_id"])
+  assert items.loc[12, "category"] == 2 and items.loc[12, "train_clicks"] == 0
+
+
 def test_min_clicks_filters(tmp_path):
-  raw = write_news(tmp_path / "raw", log_frame([
-      (1, 10, 1), (1, 11, 2), (1, 10, 3), (2, 10, 1), (2, 12, 2), (3, 11, 1)]))
+  clicks = log_frame([(1, 10, 1), (1, 11, 2), (1, 10, 3), (2, 10, 1), (2, 12, 2), (3, 11, 1)])
+  articles = pd.DataFrame({"article_id": [10, 11, 12, 13], "category_id": 1,
+                           "created_at_ts": 0, "words_count": 1})
+  raw = write_news(tmp_path / "raw", clicks, articles)
   manifest = pipeline.run(make_config(raw, tmp_path / "out", min_item_clicks=2,
                                       min_user_clicks=2))
   c = manifest.counts
-  # Item 12 (1 click) goes first, then user 2 (1 click left) and user 3 (1 click).
+  # Items 12 (1 click) and 13 (never clicked) go first, then user 2 (1 click
+  # left) and user 3 (1 click).
   assert c["rows_dropped_min_item_clicks"] == 1
   assert c["users_dropped_min_user_clicks"] == 2
   assert c["rows_dropped_min_user_clicks"] == 2
