@@ -36,6 +36,8 @@ flags.DEFINE_integer("min_item_clicks", 0, "Drop items with fewer clicks (applie
 flags.DEFINE_integer("num_shards", 8, "TFRecord shards per split (fewer if fewer examples).")
 flags.DEFINE_enum("compression", "GZIP", list(mf.COMPRESSIONS), "TFRecord compression.")
 flags.DEFINE_integer("seed", 42, "Seed of the training example shuffle.")
+flags.DEFINE_integer("num_workers", 0, "Processes writing shards in parallel (0: one per CPU "
+                     "core); the output does not depend on it.")
 flags.DEFINE_string("movies", "", "movielens: movies.dat for categories (default: next to "
                     "the ratings file, if present).")
 flags.DEFINE_string("user_col", "", "csv: user id column.")
@@ -61,7 +63,7 @@ def config_from_flags() -> pipeline.PreprocessConfig:
       max_samples_per_user=FLAGS.max_samples_per_user, holdout=FLAGS.holdout,
       min_user_clicks=FLAGS.min_user_clicks, min_item_clicks=FLAGS.min_item_clicks,
       num_shards=FLAGS.num_shards, compression=FLAGS.compression, seed=FLAGS.seed,
-      movies=FLAGS.movies, csv=csv)
+      num_workers=FLAGS.num_workers, movies=FLAGS.movies, csv=csv)
 
 
 def main(argv):

@@ -125,43 +125,65 @@ def _factorized_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
   return codes, uniques, np.bincount(codes, minlength=len(uniques))
 
 
+def _drop_exact_duplicates(user, item, ts) -> np.ndarray:
+  """Mask of rows to keep, for arrays sorted by (user, time, file order).
+
+  An exact duplicate shares user and time with its original, so only rows
+  in runs of equal (user, time) need hashing; the first occurrence in file
+  order is kept.
+  """
+  keep = np.ones(len(user), dtype=bool)
+  same = (user[1:] == user[:-1]) & (ts[1:] == ts[:-1])
+  in_run = np.zeros(len(user), dtype=bool)
+  in_run[1:] |= same
+  in_run[:-1] |= same
+  tied = np.flatnonzero(in_run)
+  if len(tied):
+    dup = pd.DataFrame({"u": user[tied], "i": item[tied], "t": ts[tied]}).duplicated()
+    keep[tied[dup.to_numpy()]] = False
+  return keep
+
+
 def clean_log(log: readers.RawLog, min_item_clicks: int, min_user_clicks: int) -> CleanLog:
-  n = len(log.user_id)
-  counts = {"input_rows": n}
-  frame = pd.DataFrame({"u": log.user_id, "i": log.item_id, "t": log.ts})
-  keep = ~frame.duplicated().to_numpy()
-  counts["duplicate_rows_dropped"] = int(n - keep.sum())
-  user, item, ts = log.user_id[keep], log.item_id[keep], log.ts[keep]
+  counts = {"input_rows": len(log.user_id)}
+  # Times that go backwards within a user, in file order: the input was not
+  # sorted; the sort below fixes it and the manifest records how much.
+  by_user = np.argsort(log.user_id, kind="stable")
+  t_by_user = log.ts[by_user]
+  backwards = (np.diff(log.user_id[by_user]) == 0) & (np.diff(t_by_user) < 0)
+  counts["out_of_order_rows"] = int(np.count_nonzero(backwards))
+  del by_user, t_by_user, backwards
+  # lexsort is stable: equal (user, time) keep file order.
+  order = np.lexsort((log.ts, log.user_id))
+  user, item, ts = log.user_id[order], log.item_id[order], log.ts[order]
+  del order
+  keep = _drop_exact_duplicates(user, item, ts)
+  counts["duplicate_rows_dropped"] = int(len(keep) - keep.sum())
 
   kept_items = None
   if min_item_clicks > 0:
-    codes, uniques, per_item = _factorized_counts(item)
-    ok = per_item[codes] >= min_item_clicks
+    codes, uniques, per_item = _factorized_counts(item[keep])
     kept_items = np.asarray(uniques[per_item >= min_item_clicks], dtype=np.int64)
-    user, item, ts = user[ok], item[ok], ts[ok]
-  counts["rows_dropped_min_item_clicks"] = int(keep.sum() - len(user))
-  before_users = len(user)
-  if min_user_clicks > 0:
-    codes, _, per_user = _factorized_counts(user)
-    ok = per_user[codes] >= min_user_clicks
-    counts["users_dropped_min_user_clicks"] = int((per_user < min_user_clicks).sum())
-    user, item, ts = user[ok], item[ok], ts[ok]
+    before = keep.sum()
+    keep[keep] = per_item[codes] >= min_item_clicks
+    counts["rows_dropped_min_item_clicks"] = int(before - keep.sum())
   else:
-    counts["users_dropped_min_user_clicks"] = 0
-  counts["rows_dropped_min_user_clicks"] = int(before_users - len(user))
-  if len(user) == 0:
+    counts["rows_dropped_min_item_clicks"] = 0
+  if min_user_clicks > 0:
+    codes, _, per_user = _factorized_counts(user[keep])
+    before = keep.sum()
+    keep[keep] = per_user[codes] >= min_user_clicks
+    counts["users_dropped_min_user_clicks"] = int((per_user < min_user_clicks).sum())
+    counts["rows_dropped_min_user_clicks"] = int(before - keep.sum())
+  else:
+    counts["users_dropped_min_user_clicks"] = counts["rows_dropped_min_user_clicks"] = 0
+  if not keep.any():
     raise DataError(f"{log.clicks_file}: no clicks left after --min_item_clicks="
                     f"{min_item_clicks} and --min_user_clicks={min_user_clicks}")
-
-  # Times that go backwards within a user, in file order: the input was not
-  # sorted; sorting below fixes it and the manifest records how much.
-  by_user = np.argsort(user, kind="stable")
-  u_sorted, t_sorted = user[by_user], ts[by_user]
-  same_user = u_sorted[1:] == u_sorted[:-1]
-  counts["out_of_order_rows"] = int(np.count_nonzero(same_user & (t_sorted[1:] < t_sorted[:-1])))
-  order = np.lexsort((np.arange(len(user)), ts, user))
-  counts["clicks"] = len(order)
-  return CleanLog(user[order], item[order], ts[order], kept_items, counts)
+  if not keep.all():
+    user, item, ts = user[keep], item[keep], ts[keep]
+  counts["clicks"] = len(user)
+  return CleanLog(user, item, ts, kept_items, counts)
 
 
 @dataclasses.dataclass

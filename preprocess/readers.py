@@ -100,7 +100,7 @@ def _read_csv(path: Path, columns: tuple[str, ...], delimiter: str = ",",
               column_names: tuple[str, ...] = ()) -> tuple[pa.Table, int]:
   """Reads `columns` of a delimited file; returns the table and header line count."""
   read_options = pacsv.ReadOptions(column_names=list(column_names) or None,
-                                   block_size=1 << 24)
+                                   block_size=1 << 22)
   parse_options = pacsv.ParseOptions(delimiter=delimiter)
   try:
     with pacsv.open_csv(path, read_options=read_options, parse_options=parse_options) as reader:
@@ -113,10 +113,21 @@ def _read_csv(path: Path, columns: tuple[str, ...], delimiter: str = ",",
   if missing:
     raise DataError(f"{path}: missing column(s) {missing}; the file has {available}")
   try:
-    table = pacsv.read_csv(path, read_options=read_options, parse_options=parse_options,
-                           convert_options=pacsv.ConvertOptions(include_columns=list(columns)))
-  except pa.ArrowInvalid as e:
-    raise DataError(f"{path}: cannot parse ({e})") from e
+    # Streaming keeps a few blocks in memory instead of the whole parsed file.
+    with pacsv.open_csv(path, read_options=read_options, parse_options=parse_options,
+                        convert_options=pacsv.ConvertOptions(include_columns=list(columns))
+                        ) as reader:
+      table = pa.Table.from_batches(list(reader), schema=reader.schema)
+  except pa.ArrowInvalid:
+    # Types are inferred from the first block; a later value that does not
+    # fit lands here. Re-read as text so the caller can name the line.
+    try:
+      table = pacsv.read_csv(path, read_options=read_options, parse_options=parse_options,
+                             convert_options=pacsv.ConvertOptions(
+                                 include_columns=list(columns),
+                                 column_types={c: pa.string() for c in columns}))
+    except pa.ArrowInvalid as e:
+      raise DataError(f"{path}: cannot parse ({e})") from e
   return table, 0 if column_names else 1
 
 

@@ -5,10 +5,11 @@ Building one `tf.train.Example` proto per row runs at ~37k rows/s and a
 per-row Python loops. Here a whole chunk of rows becomes bytes with a few
 numpy passes, so `preprocess` needs neither TensorFlow nor a row loop:
 
-* Encoding: a fixed-schema Example of int64 features is a sequence of
-  protobuf varints. Field tags, key bytes (ASCII) and lengths are all
-  integers < 2**63, so each row is a fixed-width vector of "tokens" that one
-  vectorised varint encoder turns into bytes.
+* Encoding: a fixed-schema Example of int64 features is a fixed sequence of
+  constant bytes (field tags, keys) and per-row varints (lengths, values).
+  The varints of a chunk are a (rows, tokens) int64 matrix that one
+  vectorised encoder turns into bytes; the constants are copied in with one
+  slice scatter each.
 * Framing: a TFRecord is `uint64 length | masked crc32c(length) | data |
   masked crc32c(data)`. Rows are encoded with room left for the 12 header
   and 4 footer bytes, and CRC-32C runs column-wise over a chunk of rows.
@@ -39,27 +40,34 @@ def varint_sizes(values: np.ndarray) -> np.ndarray:
   return sizes
 
 
-def _encode_rows(tokens: np.ndarray, gap_before: int = 0,
+def _encode_rows(tokens: np.ndarray, literals: list[bytes] | None = None, gap_before: int = 0,
                  gap_after: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Varint-encodes each row of a (n, t) non-negative int64 matrix.
+  """Encodes rows of varint tokens interleaved with constant literal bytes.
 
-  Row i's bytes are preceded by `gap_before` and followed by `gap_after`
-  unwritten bytes (room for record framing). Returns (buffer, data_start,
-  data_length) per row.
+  Row i is: literals[0] varint(tokens[i, 0]) literals[1] varint(tokens[i, 1])
+  ... literals[t], preceded by `gap_before` and followed by `gap_after`
+  unwritten bytes (room for record framing). Constant bytes are written
+  once per row with a slice scatter instead of going through the varint
+  path. Returns (buffer, data_start, data_length) per row.
   """
   n, t = tokens.shape
+  literals = literals if literals is not None else [b""] * (t + 1)
+  lit_len = np.array([len(x) for x in literals[:t]], dtype=np.int64)
   sizes = varint_sizes(tokens)
-  data_length = sizes.sum(axis=1, dtype=np.int64)
-  gap = gap_before + gap_after
-  starts = np.cumsum(sizes, dtype=np.int64).reshape(n, t)  # token ends, rows concatenated
-  starts -= sizes
-  starts += (gap_before + gap * np.arange(n, dtype=np.int64))[:, None]
-  data_start = starts[:, 0] if t else np.zeros(n, np.int64)
+  token_end = np.cumsum(sizes + lit_len, axis=1, dtype=np.int64)  # within the row
+  data_length = (token_end[:, -1] if t else np.zeros(n, np.int64)) + len(literals[t])
+  stride = data_length + gap_before + gap_after
+  data_start = np.cumsum(stride) - stride + gap_before
+  token_start = token_end - sizes + data_start[:, None]
+  out = np.empty(int(stride.sum()), dtype=np.uint8)
+  for c, literal in enumerate(literals):
+    if literal:
+      at = token_start[:, c] - len(literal) if c < t else data_start + data_length - len(literal)
+      out[at[:, None] + np.arange(len(literal))] = np.frombuffer(literal, dtype=np.uint8)
   flat_sizes = sizes.reshape(-1)
-  flat_starts = starts.reshape(-1)
+  flat_starts = token_start.reshape(-1)
   values = tokens.reshape(-1)
-  out = np.empty(int(data_length.sum()) + gap * n, dtype=np.uint8)
-  # Byte 0 of every token; most tokens (tags, keys, small ids) end there.
+  # Byte 0 of every token; most tokens (lengths, small ids) end there.
   continued = flat_sizes > 1
   low = values.astype(np.uint8)
   low &= 0x7F
@@ -78,14 +86,17 @@ def _encode_rows(tokens: np.ndarray, gap_before: int = 0,
   return out, data_start, data_length
 
 
+def _rows_and_offsets(out, start, length) -> tuple[np.ndarray, np.ndarray]:
+  return out, np.append(start, start[-1] + length[-1] if len(start) else 0)
+
+
 def encode_varint_rows(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Varint-encodes each row of a (n, t) non-negative int64 matrix, rows concatenated.
 
   Returns (buffer uint8, offsets int64 [n + 1]); row i is
   buffer[offsets[i]:offsets[i + 1]].
   """
-  out, start, length = _encode_rows(tokens)
-  return out, np.append(start, start[-1] + length[-1] if len(start) else 0)
+  return _rows_and_offsets(*_encode_rows(tokens))
 
 
 def encode_examples(features: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -93,13 +104,22 @@ def encode_examples(features: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.
 
   features: name -> array of shape (n,) or (n, k), the same n for all.
   Returns (buffer, offsets) as `encode_varint_rows`.
+
+  Wire format of one row:
+    Example     = 0x0A len(Features) Features
+    Features    = for each feature: 0x0A len(Entry) Entry    (map entry)
+    Entry       = 0x0A len(key) key-bytes 0x12 len(Feature) Feature
+    Feature     = 0x1A len(Int64List) Int64List              (int64_list)
+    Int64List   = 0x0A len(packed) packed-varints            (packed values)
+  Tags and keys are the same in every row (literals); lengths and values
+  are per-row varints.
   """
-  return encode_varint_rows(_example_tokens(features))
+  return _rows_and_offsets(*_encode_rows(*_example_template(features)))
 
 
 def encode_tfrecords(features: Mapping[str, np.ndarray]) -> np.ndarray:
   """`encode_examples`, each row framed as a TFRecord: the bytes of a file."""
-  out, start, length = _encode_rows(_example_tokens(features), gap_before=12, gap_after=4)
+  out, start, length = _encode_rows(*_example_template(features), gap_before=12, gap_after=4)
   n = len(start)
   header = start[:, None] - 12 + np.arange(8)
   out[header] = length.astype("<u8").view(np.uint8).reshape(n, 8)
@@ -114,21 +134,13 @@ def _le_bytes(values: np.ndarray) -> np.ndarray:
   return values.astype("<u4").view(np.uint8).reshape(len(values), 4)
 
 
-def _example_tokens(features: Mapping[str, np.ndarray]) -> np.ndarray:
-  """One row of varint tokens per example (see `encode_examples` for the layout).
-
-  Wire format of one row (every element is one varint token):
-    Example     = 0x0A len(Features) Features
-    Features    = for each feature: 0x0A len(Entry) Entry    (map entry)
-    Entry       = 0x0A len(key) key-bytes 0x12 len(Feature) Feature
-    Feature     = 0x1A len(Int64List) Int64List              (int64_list)
-    Int64List   = 0x0A len(packed) packed-varints            (packed values)
-  """
+def _example_template(features: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[bytes]]:
+  """Per-row varint tokens and the constant bytes around them (see encode_examples)."""
   names = sorted(features)
   if not names:
     raise ValueError("no features")
   n = len(features[names[0]])
-  column_blocks = []
+  blocks, literals = [], [b"\x0A"]  # Example.features tag, then its length
   features_len = np.zeros(n, dtype=np.int64)
   for name in names:
     values = np.asarray(features[name]).reshape(n, -1).astype(np.int64, copy=False)
@@ -137,24 +149,21 @@ def _example_tokens(features: Mapping[str, np.ndarray]) -> np.ndarray:
     if values.size and values.min() < 0:
       raise ValueError(f"feature {name!r} has negative values; only ids >= 0 are encoded")
     key = name.encode("ascii")
-    if max(key) >= 0x80:
-      raise ValueError(f"feature name {name!r} must be ASCII")
-    packed_len = varint_sizes(values).sum(axis=1)
+    if max(key) >= 0x80 or len(key) >= 0x80:
+      raise ValueError(f"feature name {name!r} must be short ASCII")
+    packed_len = varint_sizes(values).sum(axis=1, dtype=np.int64)
     list_len = 1 + varint_sizes(packed_len) + packed_len
     feature_len = 1 + varint_sizes(list_len) + list_len
-    entry_len = 1 + varint_sizes(np.int64(len(key))) + len(key) + 1 + varint_sizes(
-        feature_len) + feature_len
+    entry_len = 2 + len(key) + 1 + varint_sizes(feature_len) + feature_len
     features_len += 1 + varint_sizes(entry_len) + entry_len
-
-    def const(x):
-      return np.full((n, 1), x, dtype=np.int64)
-
-    column_blocks += [const(0x0A), entry_len[:, None], const(0x0A), const(len(key))]
-    column_blocks += [const(ch) for ch in key]
-    column_blocks += [const(0x12), feature_len[:, None], const(0x1A), list_len[:, None],
-                      const(0x0A), packed_len[:, None], values]
-  return np.concatenate([np.full((n, 1), 0x0A, np.int64), features_len[:, None]] + column_blocks,
-                        axis=1)
+    blocks += [entry_len[:, None], feature_len[:, None], list_len[:, None], packed_len[:, None],
+               values]
+    # Literal before each token: entry tag | key tag, key length, key, value
+    # tag | int64_list tag | packed-values tag | nothing between values.
+    literals += [b"\x0A", b"\x0A" + bytes([len(key)]) + key + b"\x12", b"\x1A", b"\x0A"]
+    literals += [b""] * values.shape[1]
+  literals.append(b"")  # nothing after the last value
+  return np.concatenate([features_len[:, None]] + blocks, axis=1), literals
 
 
 def _crc32c_table() -> np.ndarray:
@@ -169,24 +178,34 @@ _CRC_TABLE = _crc32c_table()
 
 
 def crc32c(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-  """CRC-32C of each row buffer[starts[i]:starts[i] + lengths[i]], vectorised over rows."""
+  """CRC-32C of each row buffer[starts[i]:starts[i] + lengths[i]], vectorised over rows.
+
+  Byte j of every row is processed in one step. Rows are sorted by length,
+  longest first, so the rows still running at step j are a prefix and every
+  operation works on a contiguous slice of reused buffers.
+  """
   n = len(lengths)
   if n == 0:
     return np.zeros(0, dtype=np.uint32)
-  # Rows sorted by length, longest first: the rows still running at byte j
-  # are a prefix, so each step works on contiguous slices.
   order = np.argsort(-lengths, kind="stable")
   sorted_lengths = lengths[order]
   width = int(sorted_lengths[0])
-  columns = np.arange(width, dtype=np.int64)[:, None]
-  byte_at = np.minimum(starts[order][None, :] + columns, max(len(buffer) - 1, 0))
-  by_column = buffer[byte_at] if len(buffer) else np.zeros((width, n), np.uint8)  # (width, n)
-  running = np.searchsorted(-sorted_lengths, -columns[:, 0], side="left")  # rows with length > j
+  running = np.searchsorted(-sorted_lengths, -np.arange(width), side="left")  # length > j
+  position = starts[order].astype(np.intp)
   crc = np.full(n, 0xFFFFFFFF, dtype=np.uint32)
+  byte = np.empty(n, dtype=np.uint8)
+  index = np.empty(n, dtype=np.intp)
+  looked_up = np.empty(n, dtype=np.uint32)
   for j in range(width):
     k = running[j]
-    c = crc[:k]
-    crc[:k] = _CRC_TABLE[(c ^ by_column[j, :k]) & 0xFF] ^ (c >> 8)
+    c, t = crc[:k], looked_up[:k]
+    np.take(buffer, position[:k], out=byte[:k])
+    position[:k] += 1
+    np.bitwise_xor(c, byte[:k], out=t)
+    np.bitwise_and(t, 0xFF, out=index[:k], casting="unsafe")
+    np.take(_CRC_TABLE, index[:k], out=t)
+    np.right_shift(c, 8, out=c)
+    np.bitwise_xor(c, t, out=c)
   result = np.empty(n, dtype=np.uint32)
   result[order] = crc ^ np.uint32(0xFFFFFFFF)
   return result
