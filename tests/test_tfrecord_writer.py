@@ -22,10 +22,11 @@ def test_encode_varint_rows_matches_protobuf_varints():
 def test_crc32c_known_value():
   # The CRC-32C check value of "123456789" is 0xE3069283 (RFC 3720 appendix).
   data = np.frombuffer(b"123456789", dtype=np.uint8)
-  assert tw.crc32c_rows(data, np.array([0, 9]))[0] == 0xE3069283
+  assert tw.crc32c(data, np.array([0]), np.array([9]))[0] == 0xE3069283
   two = np.frombuffer(b"123456789" + b"a", dtype=np.uint8)
-  crc = tw.crc32c_rows(two, np.array([0, 9, 9, 10]))
+  crc = tw.crc32c(two, np.array([0, 9, 9]), np.array([9, 0, 1]))
   assert crc[0] == 0xE3069283 and crc[1] == 0  # empty row: CRC-32C of nothing is 0
+  assert crc[2] == 0xC1D04330  # CRC-32C of b"a"
 
 
 def random_features(rng, n, width):
