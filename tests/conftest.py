@@ -6,8 +6,15 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from preprocess import pipeline, synthetic  # noqa: E402
+
+# Two logical CPU devices for MirroredStrategy tests (no GPU here). TF allows
+# this only before it starts, so it is done once for the whole session.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +36,22 @@ def tiny_data(tiny_news_dir, tmp_path_factory):
   """preprocess output of the tiny log (positions, holdout=valid_test)."""
   out = tmp_path_factory.mktemp("tiny_data") / "data"
   return pipeline.run(make_config(tiny_news_dir, out, holdout="valid_test", max_seq_len=8))
+
+
+@pytest.fixture(scope="session")
+def tiny_windows(tiny_news_dir, tmp_path_factory):
+  """Tiny log as windows of 8 (for the all-position loss), valid_test holdout."""
+  out = tmp_path_factory.mktemp("tiny_windows") / "data"
+  return pipeline.run(make_config(tiny_news_dir, out, samples="windows", max_seq_len=8,
+                                  holdout="valid_test", num_shards=4))
+
+
+def small_trainer_config(data_dir, model_dir, **overrides):
+  """A model small enough for unit tests to train in a second or two."""
+  from trainer.config import TrainerConfig
+  base = TrainerConfig(data_dir=str(data_dir), model_dir=str(model_dir), batch_size=16,
+                       emb_dim=16, num_heads=2, num_blocks=1, ff_dim=16, tower_units=(16,),
+                       train_steps=4, steps_per_loop=2, log_every_steps=2,
+                       checkpoint_every_steps=2, eval_topk=(5, 10), eval_batch_size=64,
+                       warmup_steps=1, jit_compile=False, shuffle_buffer=256)
+  return dataclasses.replace(base, **overrides)

@@ -53,7 +53,7 @@ def test_csv_source_requires_columns(tmp_path):
   assert "--source=csv needs --user_col and --item_col" in result.stderr
 
 
-@pytest.mark.parametrize("module", ["trainer.main", "retrieval.main"])
+@pytest.mark.parametrize("module", ["retrieval.main"])
 def test_unimplemented_jobs_say_so_and_fail(module):
   result = run(module)
   assert result.returncode != 0

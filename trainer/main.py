@@ -1,11 +1,130 @@
-"""trainer: not implemented yet (issue 3). Exits non-zero, writes nothing."""
+"""trainer: trains a retrieval model on a preprocess output directory.
 
+  trainer --model=sasrec --data_dir=OUT --model_dir=MODEL
+  trainer --model=two_tower --data_dir=OUT --model_dir=MODEL --strategy=mirrored
+  trainer --flagfile=configs/ml1m_sasrec.flags
+
+Re-running the same command resumes from the latest checkpoint. Flags are
+checked before TensorFlow starts; the ones used are saved in
+MODEL/trainer_config.json. Outputs: MODEL/checkpoints, MODEL/summaries
+(TensorBoard), MODEL/metrics.json, MODEL/export (trainer/export.py).
+"""
+
+import os
 import sys
+
+from absl import app, flags, logging
+
+from preprocess.errors import DataError
+from trainer import config as config_lib
+
+FLAGS = flags.FLAGS
+_D = config_lib.TrainerConfig()
+flags.DEFINE_enum("model", _D.model, config_lib.MODELS, "Model to train.")
+flags.DEFINE_string("data_dir", None, "preprocess output directory (has manifest.json).")
+flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, metrics and export go here.")
+flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES, "tf.distribute strategy.")
+flags.DEFINE_integer("num_cpu_replicas", _D.num_cpu_replicas,
+                     "mirrored: split the CPU into N logical devices (testing without GPUs).")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size over all replicas.")
+flags.DEFINE_integer("epochs", _D.epochs, "Epochs over the training split.")
+flags.DEFINE_integer("train_steps", _D.train_steps, "If > 0: total steps (overrides --epochs).")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Peak Adam learning rate.")
+flags.DEFINE_enum("lr_schedule", _D.lr_schedule, config_lib.LR_SCHEDULES,
+                  "After warm-up: constant, or cosine decay to 0 at the last step.")
+flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear learning-rate warm-up steps.")
+flags.DEFINE_integer("seed", _D.seed, "Seed of initialisation, dropout and data order.")
+flags.DEFINE_integer("shuffle_buffer", _D.shuffle_buffer, "Example shuffle buffer.")
+flags.DEFINE_integer("emb_dim", _D.emb_dim, "Embedding and output vector size.")
+flags.DEFINE_integer("num_heads", _D.num_heads, "sasrec: attention heads.")
+flags.DEFINE_integer("num_blocks", _D.num_blocks, "sasrec: transformer blocks.")
+flags.DEFINE_integer("ff_dim", _D.ff_dim, "sasrec: feed-forward width.")
+flags.DEFINE_float("dropout", _D.dropout, "Dropout rate.")
+flags.DEFINE_float("temperature", _D.temperature, "Softmax temperature on cosine scores.")
+flags.DEFINE_list("tower_units", list(map(str, _D.tower_units)),
+                  "two_tower: hidden layer widths of both towers.")
+flags.DEFINE_boolean("symmetric_loss", _D.symmetric_loss, "Add the item->user softmax.")
+flags.DEFINE_boolean("cross_replica_negatives", _D.cross_replica_negatives,
+                     "Gather negatives from all replicas (the global batch).")
+flags.DEFINE_boolean("remove_accidental_hits", _D.remove_accidental_hits,
+                     "A batch item equal to the positive is not a negative.")
+flags.DEFINE_boolean("logq_correction", _D.logq_correction,
+                     "Subtract log sampling probability from in-batch logits.")
+flags.DEFINE_boolean("all_positions", _D.all_positions,
+                     "windows data: a loss on every position, not only the last.")
+flags.DEFINE_integer("num_negatives", _D.num_negatives,
+                     "0: every in-batch positive is a negative; N: a random pool of N of them "
+                     "per step (bounds the all-position loss of windows data).")
+flags.DEFINE_integer("steps_per_loop", _D.steps_per_loop, "Steps per tf.function call.")
+flags.DEFINE_integer("log_every_steps", _D.log_every_steps, "Progress line every N steps.")
+flags.DEFINE_integer("checkpoint_every_steps", _D.checkpoint_every_steps,
+                     "Checkpoint every N steps (and at the end).")
+flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "Checkpoints kept.")
+flags.DEFINE_integer("eval_every_steps", _D.eval_every_steps,
+                     "Evaluate every N steps (0: only at the end).")
+flags.DEFINE_enum("eval_split", _D.eval_split, ["valid", "test"], "Split to evaluate on.")
+flags.DEFINE_list("eval_topk", list(map(str, _D.eval_topk)), "HitRate/NDCG cut-offs.")
+flags.DEFINE_integer("eval_negatives", _D.eval_negatives,
+                     "If > 0: rank the target among N sampled unseen items (SASRec paper).")
+flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Users per evaluation batch.")
+flags.DEFINE_integer("eval_max_users", _D.eval_max_users,
+                     "If > 0: periodic evaluations use this many seeded random users.")
+flags.DEFINE_boolean("mixed_precision", _D.mixed_precision,
+                     "float16 on GPU, bfloat16 on CPU compute; float32 variables and loss.")
+flags.DEFINE_boolean("jit_compile", _D.jit_compile, "XLA-compile the training step.")
+flags.DEFINE_boolean("export", _D.export, "Export the user tower and item embeddings.")
+
+
+def _ints(values: list[str], name: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError:
+    raise config_lib.ConfigError(f"--{name}={','.join(values)}: expected integers") from None
+
+
+def config_from_flags() -> config_lib.TrainerConfig:
+  values = {}
+  for field in config_lib.TrainerConfig.__dataclass_fields__:
+    value = getattr(FLAGS, field)
+    if field in ("tower_units", "eval_topk"):
+      value = _ints(value, field)
+    values[field] = value if value is not None else ""
+  return config_lib.TrainerConfig(**values)
+
+
+def fail(message: str, code: int) -> None:
+  print(f"trainer: error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}", 2)
+  try:
+    config = config_from_flags()
+    manifest = config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    fail(str(e), 2)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from trainer import train_lib  # imports TensorFlow: only after the flags are known good
+  try:
+    result = train_lib.train(config, manifest)
+  except (config_lib.ConfigError, DataError) as e:
+    fail(str(e), 2 if isinstance(e, config_lib.ConfigError) else 1)
+  except train_lib.TrainingError as e:
+    fail(str(e), 1)
+  if result.interrupted:
+    print(f"trainer: stopped by SIGTERM at step {result.global_step}; checkpoint saved")
+  elif result.metrics is not None:
+    k = min(config.eval_topk)
+    print(f"trainer: step {result.global_step}, {result.metrics['split']} "
+          f"HR@{k} {result.metrics[f'hit_rate@{k}']:.4f} "
+          f"NDCG@{k} {result.metrics[f'ndcg@{k}']:.4f} ({config.model_dir}/metrics.json)")
 
 
 def run():
-  print("trainer: not implemented yet (issue #3)", file=sys.stderr)
-  sys.exit(3)
+  logging.set_verbosity(logging.INFO)
+  app.run(main)
 
 
 if __name__ == "__main__":

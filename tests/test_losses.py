@@ -1,0 +1,143 @@
+"""InBatchSoftmaxLoss on tiny tensors; expected values derived by hand.
+
+Temperature 1 throughout, so logits are plain dot products.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import strategies
+from trainer.losses import InBatchSoftmaxLoss
+
+
+def loss_value(q, c, ids, weights=None, log_q=None, **options):
+  options = {"remove_accidental_hits": False, "logq_correction": log_q is not None, **options}
+  layer = InBatchSoftmaxLoss(temperature=1.0, **options)
+  q, c = tf.constant(q, tf.float32), tf.constant(c, tf.float32)
+  weights = tf.ones([len(ids)]) if weights is None else tf.constant(weights, tf.float32)
+  log_q = None if log_q is None else tf.constant(np.log(log_q), tf.float32)
+  return float(layer(q, c, tf.constant(ids), weights, log_q))
+
+
+def test_plain_in_batch_softmax_2x2():
+  # logits = I: each row is log(e^1 + e^0) - 1 = log(e + 1) - 1 = 0.3132617.
+  assert loss_value([[1, 0], [0, 1]], np.eye(2), [1, 2]) == pytest.approx(0.3132617, abs=1e-6)
+
+
+def test_accidental_hits_3x3():
+  # q = c = I3, items [5, 5, 7]. Kept: each row log(e + 2) - 1 = 0.5514447.
+  # Removed: rows 0 and 1 drop each other (same item 5): log(e + 1) - 1 =
+  # 0.3132617; row 2 keeps both: 0.5514447; mean 0.3926560.
+  q = np.eye(3)
+  assert loss_value(q, q, [5, 5, 7]) == pytest.approx(0.5514447, abs=1e-6)
+  assert loss_value(q, q, [5, 5, 7], remove_accidental_hits=True) == pytest.approx(
+      0.3926560, abs=1e-6)
+
+
+def test_logq_correction_2x2():
+  # Sampling probabilities q = [0.5, 0.25]; every logit of candidate j loses log q_j.
+  # Row 0: logits [1 + ln 2, 0 + ln 4] -> log(2e + 4) - (1 + ln 2) = 0.5514447.
+  # Row 1: logits [0 + ln 2, 1 + ln 4] -> log(2 + 4e) - (1 + ln 4) = 0.1688476.
+  # Mean 0.3601462: the popular item 0 is penalised less as a negative.
+  assert loss_value(np.eye(2), np.eye(2), [1, 2], log_q=[0.5, 0.25]) == pytest.approx(
+      0.3601462, abs=1e-6)
+
+
+def test_symmetric_2x2():
+  # q = [[1, 0], [0.6, 0.8]], c = I. query->item rows: log(e + 1) - 1 = 0.3132617,
+  # log(e^.6 + e^.8) - .8 = 0.5981389. item->query: candidate 0 sees [1, .6]:
+  # log(e + e^.6) - 1 = 0.5130153; candidate 1 sees [0, .8]: log(1 + e^.8) - .8 =
+  # 0.3711007. Mean of the per-row averages: 0.4488791.
+  q = [[1, 0], [0.6, 0.8]]
+  assert loss_value(q, np.eye(2), [1, 2], symmetric=True) == pytest.approx(0.4488791, abs=1e-6)
+
+
+def test_zero_weight_rows_are_neither_queries_nor_negatives():
+  # A third, padding row must change nothing: same as the plain 2x2 case.
+  q = [[1, 0], [0, 1], [0.7, 0.7]]
+  c = [[1, 0], [0, 1], [0.7, 0.7]]
+  assert loss_value(q, c, [1, 2, 3], weights=[1, 1, 0]) == pytest.approx(0.3132617, abs=1e-6)
+
+
+def test_temperature_scales_logits():
+  layer = InBatchSoftmaxLoss(temperature=0.5, remove_accidental_hits=False,
+                             logq_correction=False)
+  # logits = 2 I: log(e^2 + 1) - 2 = 0.1269280.
+  value = layer(tf.eye(2), tf.eye(2), tf.constant([1, 2]), tf.ones([2]))
+  assert float(value) == pytest.approx(0.1269280, abs=1e-6)
+
+
+def test_sampled_pool_draws_only_real_candidates():
+  # Candidates 0..5 with rows 1 and 4 padding; a pool of 4000 draws over the
+  # 4 real ones must never pick 1 or 4 and hit each real one ~1000 times.
+  layer = InBatchSoftmaxLoss(temperature=1.0, logq_correction=False, num_negatives=4000)
+  weights = tf.constant([1, 0, 1, 1, 0, 1], tf.float32)
+  counts = np.zeros(6)
+  captured = {}
+  original = tf.gather
+
+  def spy(params, indices, *args, **kwargs):
+    if "pool" not in captured and indices.shape.rank == 1 and indices.shape[0] == 4000:
+      captured["pool"] = indices
+    return original(params, indices, *args, **kwargs)
+
+  tf.gather = spy
+  try:
+    layer(tf.eye(6), tf.eye(6), tf.range(6), weights, seed=tf.constant([1, 2]))
+  finally:
+    tf.gather = original
+  np.add.at(counts, captured["pool"].numpy(), 1)
+  assert counts[1] == counts[4] == 0
+  assert counts[[0, 2, 3, 5]].min() > 850 and counts.sum() == 4000
+
+
+def test_sampled_pool_is_deterministic_per_seed_and_needs_no_symmetric():
+  layer = InBatchSoftmaxLoss(temperature=1.0, logq_correction=False, num_negatives=2)
+  q = tf.math.l2_normalize(tf.random.stateless_normal([8, 4], seed=[0, 1]), -1)
+  args = (q, q, tf.range(8), tf.ones([8]))
+  a = float(layer(*args, seed=tf.constant([3, 4])))
+  assert a == float(layer(*args, seed=tf.constant([3, 4])))
+  assert a != float(layer(*args, seed=tf.constant([3, 5])))
+  with pytest.raises(ValueError, match="symmetric"):
+    InBatchSoftmaxLoss(temperature=1.0, symmetric=True, num_negatives=2)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_cross_replica_loss_and_gradients_equal_single_device(symmetric):
+  """2 replicas with gathered negatives == one device on the global batch."""
+  strategy = strategies.mirrored(("/cpu:0", "/cpu:1"))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(8, 5)).astype(np.float32)
+  ids = np.array([1, 2, 3, 1, 4, 5, 2, 6], np.int32)  # accidental hits across replicas
+  weights = np.array([1, 1, 1, 0, 1, 1, 1, 1], np.float32)
+  log_q = np.log(rng.uniform(0.01, 0.2, size=8)).astype(np.float32)
+  layer = InBatchSoftmaxLoss(temperature=0.3, remove_accidental_hits=True,
+                             logq_correction=True, symmetric=symmetric, cross_replica=True)
+  with strategy.scope():
+    w_query = tf.Variable(rng.normal(size=(5, 4)).astype(np.float32))
+    w_item = tf.Variable(rng.normal(size=(5, 4)).astype(np.float32))
+
+  def loss_and_grads(x, ids, weights, log_q):
+    with tf.GradientTape() as tape:
+      q = tf.math.l2_normalize(x @ w_query, -1)
+      c = tf.math.l2_normalize(x @ w_item, -1)
+      loss = layer(q, c, ids, weights, log_q)
+    return loss, tape.gradient(loss, [w_query, w_item])
+
+  single_loss, single_grads = loss_and_grads(x, ids, weights, log_q)
+
+  def slices(ctx):
+    r = ctx.replica_id_in_sync_group
+    return tuple(tf.constant(a[4 * r:4 * r + 4]) for a in (x, ids, weights, log_q))
+
+  per_replica = strategy.experimental_distribute_values_from_function(slices)
+  # As in the trainer: strategy.run inside a tf.function (eager collectives
+  # from two replica threads can be issued in different orders).
+  losses, grads = tf.function(lambda v: strategy.run(lambda args: loss_and_grads(*args),
+                                                     args=(v,)))(per_replica)
+  total = sum(float(v) for v in strategy.experimental_local_results(losses))
+  assert total == pytest.approx(float(single_loss), rel=1e-5)
+  for g_single, g_replicas in zip(single_grads, grads):
+    summed = sum(v.numpy() for v in strategy.experimental_local_results(g_replicas))
+    np.testing.assert_allclose(summed, g_single.numpy(), rtol=1e-4, atol=1e-6)

@@ -1,0 +1,183 @@
+"""The training library in-process: steps, strategies, resume, NaN, export, eval."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import small_trainer_config
+from preprocess import histories
+from retrieval import metrics
+from trainer import evaluation, export, train_lib
+from trainer import task as task_lib
+
+
+def weights_of(trainer):
+  return [v.numpy() for v in trainer.model.trainable_variables]
+
+
+@pytest.mark.parametrize("model", ["sasrec", "two_tower"])
+@pytest.mark.parametrize("data", ["tiny_data", "tiny_windows"])
+def test_one_training_step_per_model_changes_weights_and_loss_is_finite(
+    request, tmp_path, model, data):
+  manifest = request.getfixturevalue(data)
+  config = small_trainer_config(manifest.data_dir, tmp_path / "m", model=model, train_steps=1,
+                                steps_per_loop=1, export=False)
+  trainer = train_lib.Trainer(config, manifest)
+  before = weights_of(trainer)
+  loop = trainer._train_loop_function()
+  dataset = trainer.strategy.distribute_datasets_from_function(
+      train_lib.input_pipeline.TrainReader(manifest, 16, 1, trainer.steps_per_epoch))
+  loss = float(loop(iter(dataset), tf.constant(1)))
+  assert np.isfinite(loss) and loss > 0
+  changed = [not np.array_equal(a, b) for a, b in zip(before, weights_of(trainer))]
+  assert sum(changed) >= len(changed) - 1  # position embeddings etc. all move
+  assert int(trainer.optimizer.iterations.numpy()) == 1
+
+
+def test_all_positions_loss_uses_every_real_position(tiny_windows, tmp_path):
+  config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m")
+  trainer = train_lib.Trainer(config, tiny_windows)
+  assert trainer.task.all_positions
+  seen = {}
+  original = trainer.task.loss
+
+  def spy(query, candidate, ids, weights, log_q, seed=None):
+    seen["rows"], seen["weights"] = query.shape[0], weights
+    return original(query, candidate, ids, weights, log_q, seed=seed)
+
+  trainer.task.loss = spy
+  batch = next(iter(train_lib.input_pipeline.TrainReader(tiny_windows, 16, 1,
+                                                         trainer.steps_per_epoch)()))
+  trainer.task.compute_loss(batch)
+  assert seen["rows"] == 16 * tiny_windows.max_seq_len
+  assert float(tf.reduce_sum(seen["weights"])) == float(tf.reduce_sum(batch["length"]))
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_windows, tmp_path):
+  """6 steps in one run == 3 steps, a new process state, then 3 more (dropout on)."""
+  straight = train_lib.Trainer(
+      small_trainer_config(tiny_windows.data_dir, tmp_path / "a", train_steps=6, export=False),
+      tiny_windows)
+  straight.run()
+  first = train_lib.Trainer(
+      small_trainer_config(tiny_windows.data_dir, tmp_path / "b", train_steps=3,
+                           steps_per_loop=1, export=False), tiny_windows)
+  first.run()
+  resumed = train_lib.Trainer(
+      small_trainer_config(tiny_windows.data_dir, tmp_path / "b", train_steps=6, export=False),
+      tiny_windows)
+  assert resumed.restore() == 3
+  result = resumed.run()
+  assert result.global_step == 6
+  for a, b in zip(weights_of(straight), weights_of(resumed)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mirrored_on_two_cpus_trains_checkpoints_and_evaluates(tiny_windows, tmp_path):
+  config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", strategy="mirrored",
+                                num_cpu_replicas=2, train_steps=4, export=False)
+  trainer = train_lib.Trainer(config, tiny_windows)
+  assert trainer.strategy.num_replicas_in_sync == 2
+  result = trainer.run()
+  assert result.global_step == 4
+  assert tf.train.latest_checkpoint(str(tmp_path / "m" / "checkpoints")).endswith("-4")
+  saved = json.loads((tmp_path / "m" / "metrics.json").read_text())
+  assert saved["global_step"] == 4 and 0 <= saved["hit_rate@10"] <= 1
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_windows, tmp_path, monkeypatch):
+  original = task_lib.RetrievalTask.compute_loss
+
+  def poisoned(self, batch, training=True, step=0):
+    loss = original(self, batch, training, step)
+    # From step 3 on (iterations >= 2) the reported loss is NaN; a constant
+    # term keeps the gradients finite (tf.where would leak NaN into them).
+    return loss + tf.where(tf.cast(step, tf.int64) >= 2, np.nan, 0.0)
+
+  monkeypatch.setattr(task_lib.RetrievalTask, "compute_loss", poisoned)
+  config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", train_steps=8)
+  with pytest.raises(train_lib.TrainingError, match=r"loss is nan in steps 3-4; .*ckpt-2"):
+    train_lib.Trainer(config, tiny_windows).run()
+  assert tf.train.latest_checkpoint(str(tmp_path / "m" / "checkpoints")).endswith("-2")
+  assert not (tmp_path / "m" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("model", ["sasrec", "two_tower"])
+def test_saved_model_reload_gives_the_same_user_vectors(tiny_windows, tmp_path, model):
+  config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", model=model,
+                                train_steps=2)
+  trainer = train_lib.Trainer(config, tiny_windows)
+  trainer.run()
+  info = export.load_info(tmp_path / "m")
+  assert (info.model, info.emb_dim, info.max_seq_len) == (model, 16, tiny_windows.max_seq_len)
+  assert info.data_fingerprint == export.data_fingerprint(tiny_windows)
+  queries = histories.load_queries(tiny_windows, "valid")
+  history = queries.last_items(tiny_windows.max_seq_len)[0][:20].astype(np.int64)
+  users = queries.user[:20]
+  loaded = tf.saved_model.load(str(tmp_path / "m" / "export" / export.USER_TOWER))
+  served = loaded.signatures["serving_default"](history=tf.constant(history),
+                                                user=tf.constant(users))["vector"].numpy()
+  direct = trainer.model.user_vector(tf.constant(history, tf.int32),
+                                     tf.constant(users, tf.int32)).numpy()
+  np.testing.assert_allclose(served, direct, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, rtol=1e-5)
+  items = np.load(tmp_path / "m" / "export" / export.ITEM_EMBEDDINGS)
+  assert items.shape == (tiny_windows.vocab_sizes["items"], 16) and not items[0].any()
+
+
+def test_tf_ranks_agree_with_the_numpy_metrics_module():
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 4, size=(50, 30)).astype(np.float32)  # many ties
+  scores[rng.random(scores.shape) < 0.2] = -np.inf  # removed (seen) items
+  targets = rng.integers(1, 30, size=50)
+  expected = metrics.target_ranks(scores.copy(), targets)
+  got = evaluation.target_ranks(tf.constant(scores), tf.constant(targets, tf.int32)).numpy()
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_evaluator_on_a_model_with_known_scores(tiny_windows):
+  """A fake model scoring item i as -i: the target's rank is the number of
+  unseen items with a lower index, and a seen target is a miss."""
+
+  class ScoreByIndexModel:
+    def user_vector(self, history, user):
+      return tf.ones([tf.shape(user)[0], 1])
+
+    def item_vectors(self, items, training=False):
+      return -tf.cast(items, tf.float32)[:, None]
+
+  ev = evaluation.Evaluator(tiny_windows, "test", ks=(1, 5, 20), batch_size=37)
+  result = ev.evaluate(ScoreByIndexModel())
+  q = ev.queries
+  expected = []
+  for i, target in enumerate(q.target):
+    seen = set(q.values[q.offsets[i]:q.offsets[i + 1]].tolist())
+    expected.append(len(seen) + 10**6 if target in seen else
+                    target - 1 - sum(1 for j in seen if j < target))
+  expected = np.array(expected)
+  for k in (1, 5, 20):
+    assert result[f"hit_rate@{k}"] == pytest.approx((expected < k).mean())
+  assert result["ndcg@20"] == pytest.approx(
+      np.where(expected < 20, 1 / np.log2(expected + 2.0), 0).mean())
+  assert result["num_users"] == len(q) and result["protocol"] == "full"
+
+
+def test_sampled_negatives_protocol_ranks_among_n_items(tiny_windows):
+  """With a constant score the target ranks by index among its N sampled items."""
+  num_items = tiny_windows.vocab_sizes["items"]
+
+  class ConstantModel:
+    def user_vector(self, history, user):
+      return tf.ones([tf.shape(user)[0], 1])
+
+    def item_vectors(self, items, training=False):
+      return tf.ones([tf.shape(items)[0], 1])
+
+  ev = evaluation.Evaluator(tiny_windows, "valid", ks=(1, 101), negatives=100)
+  result = ev.evaluate(ConstantModel())
+  assert result["protocol"] == "sampled_100"
+  assert result["hit_rate@101"] == pytest.approx(1 - result["targets_already_seen"] /
+                                                 result["num_users"])
+  assert 0 < result["hit_rate@1"] < 0.5 and num_items > 101

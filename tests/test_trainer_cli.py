@@ -1,0 +1,113 @@
+"""The trainer binary: flag errors, SIGTERM, kill -9 and resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+SMALL = ["--batch_size=16", "--emb_dim=16", "--num_blocks=1", "--ff_dim=16",
+         "--tower_units=16", "--eval_topk=5,10", "--warmup_steps=1", "--nojit_compile",
+         "--shuffle_buffer=256", "--steps_per_loop=1", "--log_every_steps=1"]
+
+
+def trainer(*args, timeout=180):
+  return subprocess.run([sys.executable, "-m", "trainer.main", *args], capture_output=True,
+                        text=True, env=ENV, timeout=timeout)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--emb_dim=30", "--num_heads=4"], "--emb_dim=30 is not divisible by --num_heads=4"),
+    (["--strategy=mirrored", "--num_cpu_replicas=3", "--batch_size=16"],
+     "--batch_size=16 is not divisible by the 3 replicas"),
+    (["--eval_split=test"], "--eval_split=test: "),
+    (["--num_cpu_replicas=2"], "--num_cpu_replicas=2 needs --strategy=mirrored"),
+    (["--symmetric_loss", "--num_negatives=8"], "--symmetric_loss needs the full in-batch pool"),
+    (["--eval_topk=5,x"], "--eval_topk=5,x: expected integers"),
+])
+def test_inconsistent_flags_fail_with_one_line(tiny_data, tiny_news_dir, tmp_path, flags,
+                                               message):
+  # tiny_data has holdout=valid_test; --eval_split=test needs a holdout=last dir to fail.
+  data_dir = tiny_data.data_dir
+  if flags == ["--eval_split=test"]:
+    from conftest import make_config
+    from preprocess import pipeline
+    data_dir = pipeline.run(make_config(tiny_news_dir, tmp_path / "last")).data_dir
+  result = trainer(f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'm'}", *flags)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().startswith(f"trainer: error: {message}")
+  assert len(result.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "m").exists()
+
+
+def test_data_dir_without_manifest_fails_with_one_line(tmp_path):
+  result = trainer(f"--data_dir={tmp_path}", f"--model_dir={tmp_path / 'm'}")
+  assert result.returncode == 2
+  assert result.stderr.strip() == (f"trainer: error: --data_dir: {tmp_path}: no manifest.json "
+                                   "here (not a preprocess output directory?)")
+
+
+def test_unknown_model_is_refused_by_the_flag_parser(tiny_data, tmp_path):
+  result = trainer("--model=gru4rec", f"--data_dir={tiny_data.data_dir}",
+                   f"--model_dir={tmp_path}")
+  assert result.returncode != 0 and "gru4rec" in result.stderr
+
+
+def start(args):
+  return subprocess.Popen([sys.executable, "-m", "trainer.main", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def wait_for(predicate, timeout=120):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    time.sleep(0.2)
+  raise TimeoutError("condition not reached")
+
+
+def checkpoints(model_dir):
+  directory = model_dir / "checkpoints"
+  return sorted(int(p.name.split("-")[1].split(".")[0]) for p in directory.glob("ckpt-*.index")) \
+      if directory.exists() else []
+
+
+def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_resumes(tiny_windows, tmp_path):
+  model_dir = tmp_path / "m"
+  args = [f"--data_dir={tiny_windows.data_dir}", f"--model_dir={model_dir}", *SMALL,
+          "--checkpoint_every_steps=1000", "--train_steps=100000", "--noexport"]
+  proc = start(args)
+  wait_for(lambda: (model_dir / "summaries").exists())
+  time.sleep(2)  # a few steps in
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert "stopped by SIGTERM at step" in out
+  step = int(out.split("at step ")[1].split(";")[0])
+  assert step > 0 and checkpoints(model_dir) == [step]
+  result = trainer(*[a for a in args if not a.startswith("--train_steps")],
+                   f"--train_steps={step + 2}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"at step {step}" in result.stderr  # "resumed from ... at step N"
+  assert f"trainer: step {step + 2}," in result.stdout
+
+
+def test_kill_9_then_the_same_command_resumes_from_the_last_checkpoint(tiny_windows, tmp_path):
+  model_dir = tmp_path / "m"
+  args = [f"--data_dir={tiny_windows.data_dir}", f"--model_dir={model_dir}", *SMALL,
+          "--checkpoint_every_steps=2", "--train_steps=40", "--noexport"]
+  proc = start(args)
+  wait_for(lambda: len(checkpoints(model_dir)) >= 2)
+  proc.kill()
+  proc.communicate()
+  saved = checkpoints(model_dir)[-1]
+  assert 0 < saved < 40
+  result = trainer(*args)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "resumed from" in result.stderr
+  assert "trainer: step 40," in result.stdout
+  assert checkpoints(model_dir)[-1] == 40

@@ -1,0 +1,194 @@
+"""Trainer configuration: one dataclass, validated before TensorFlow starts.
+
+Nothing here imports TensorFlow, so inconsistent flags fail in milliseconds
+with one line naming the flag. `TrainerConfig` is saved as JSON in
+`model_dir`; a re-run with another architecture in the same directory is
+refused (its checkpoints would not fit).
+"""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from preprocess import manifest as mf
+from preprocess.errors import DataError
+
+MODELS = ("sasrec", "two_tower")
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
+LR_SCHEDULES = ("constant", "cosine")
+CONFIG_FILE = "trainer_config.json"
+# The loss holds a (queries x negatives) logits matrix per step; 2**26 float32
+# entries (256 MB, and as much again for its gradient) is the most we allow.
+MAX_LOGITS = 2**26
+# Fields that define the variables a checkpoint holds.
+ARCHITECTURE_FIELDS = ("model", "emb_dim", "num_heads", "num_blocks", "ff_dim", "tower_units",
+                       "mixed_precision")
+
+
+class ConfigError(ValueError):
+  """An inconsistent flag; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+  """Every trainer flag. Defaults are the recipe that trains well (BUILD_NOTES.md)."""
+  model: str = "sasrec"
+  data_dir: str = ""
+  model_dir: str = ""
+  strategy: str = "default"
+  num_cpu_replicas: int = 0  # mirrored/multi_worker over N logical CPUs (tests, no GPU)
+  # Optimisation.
+  batch_size: int = 128  # global, over all replicas
+  epochs: int = 20
+  train_steps: int = 0  # > 0: overrides epochs
+  learning_rate: float = 1e-3
+  lr_schedule: str = "constant"
+  warmup_steps: int = 100
+  seed: int = 42
+  shuffle_buffer: int = 16384
+  # Model size.
+  emb_dim: int = 64
+  num_heads: int = 2
+  num_blocks: int = 2
+  ff_dim: int = 128
+  dropout: float = 0.2
+  temperature: float = 0.05
+  tower_units: tuple[int, ...] = (128, 64)  # two_tower MLP hidden layers (then emb_dim)
+  # Loss.
+  symmetric_loss: bool = False
+  cross_replica_negatives: bool = True
+  remove_accidental_hits: bool = True
+  logq_correction: bool = True
+  all_positions: bool = True  # windows data: a loss on every position
+  num_negatives: int = 0  # > 0: a random pool of that many in-batch negatives per step
+  # Loop, checkpoints, evaluation.
+  steps_per_loop: int = 50
+  log_every_steps: int = 100
+  checkpoint_every_steps: int = 500
+  keep_checkpoints: int = 3
+  eval_every_steps: int = 0  # 0: only at the end
+  eval_split: str = "valid"
+  eval_topk: tuple[int, ...] = (10, 20, 50)
+  eval_negatives: int = 0  # > 0: rank the target among N sampled unseen items
+  eval_batch_size: int = 512
+  eval_max_users: int = 0  # > 0: evaluate a seeded random subset (periodic evals)
+  mixed_precision: bool = False
+  jit_compile: bool = True
+  export: bool = True
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "TrainerConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
+    return cls(**values)
+
+
+def known_replica_count(config: TrainerConfig) -> int | None:
+  """Replicas the strategy will have, when knowable without starting TF."""
+  if config.strategy in ("default", "one_device"):
+    return 1
+  if config.strategy == "mirrored" and config.num_cpu_replicas:
+    return config.num_cpu_replicas
+  return None  # GPU counts and multi-worker clusters are checked once TF is up
+
+
+def validate(config: TrainerConfig) -> mf.Manifest:
+  """Checks every flag against the others and the data; returns the manifest."""
+  def bad(message: str):
+    raise ConfigError(message)
+
+  if config.model not in MODELS:
+    bad(f"--model={config.model!r}: choose from {', '.join(MODELS)}")
+  if config.strategy not in STRATEGIES:
+    bad(f"--strategy={config.strategy!r}: choose from {', '.join(STRATEGIES)}")
+  if not config.data_dir:
+    bad("--data_dir is required")
+  if not config.model_dir:
+    bad("--model_dir is required")
+  for name in ("batch_size", "emb_dim", "num_heads", "num_blocks", "ff_dim", "steps_per_loop",
+               "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+               "eval_batch_size", "shuffle_buffer"):
+    if getattr(config, name) < 1:
+      bad(f"--{name}={getattr(config, name)}: must be >= 1")
+  for name in ("epochs", "train_steps", "warmup_steps", "eval_every_steps", "eval_negatives",
+               "num_negatives",
+               "eval_max_users", "num_cpu_replicas"):
+    if getattr(config, name) < 0:
+      bad(f"--{name}={getattr(config, name)}: must be >= 0")
+  if config.symmetric_loss and config.num_negatives:
+    bad("--symmetric_loss needs the full in-batch pool (--num_negatives=0)")
+  if config.epochs == 0 and config.train_steps == 0:
+    bad("--epochs=0 and --train_steps=0: nothing to train")
+  if config.model == "sasrec" and config.emb_dim % config.num_heads:
+    bad(f"--emb_dim={config.emb_dim} is not divisible by --num_heads={config.num_heads}")
+  if not 0.0 <= config.dropout < 1.0:
+    bad(f"--dropout={config.dropout}: must be in [0, 1)")
+  if config.temperature <= 0:
+    bad(f"--temperature={config.temperature}: must be > 0")
+  if config.learning_rate <= 0:
+    bad(f"--learning_rate={config.learning_rate}: must be > 0")
+  if config.lr_schedule not in LR_SCHEDULES:
+    bad(f"--lr_schedule={config.lr_schedule!r}: choose from {', '.join(LR_SCHEDULES)}")
+  if not config.eval_topk or min(config.eval_topk) < 1:
+    bad(f"--eval_topk={','.join(map(str, config.eval_topk))}: cut-offs must be >= 1")
+  if any(u < 1 for u in config.tower_units):
+    bad(f"--tower_units={','.join(map(str, config.tower_units))}: units must be >= 1")
+  if config.num_cpu_replicas and config.strategy != "mirrored":
+    bad(f"--num_cpu_replicas={config.num_cpu_replicas} needs --strategy=mirrored")
+  if config.strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
+    bad("--strategy=multi_worker needs the TF_CONFIG environment variable (cluster and task)")
+  replicas = known_replica_count(config)
+  if replicas and config.batch_size % replicas:
+    bad(f"--batch_size={config.batch_size} is not divisible by the {replicas} replicas")
+
+  try:
+    manifest = mf.load(config.data_dir)
+  except DataError as e:
+    bad(f"--data_dir: {e}")
+  if config.eval_split not in manifest.eval_splits:
+    bad(f"--eval_split={config.eval_split}: {config.data_dir} was preprocessed with "
+        f"--holdout={manifest.holdout}, which has {', '.join(manifest.eval_splits)}")
+  if config.eval_negatives and config.eval_negatives >= manifest.vocab_sizes["items"] - 1:
+    bad(f"--eval_negatives={config.eval_negatives}: the catalogue has only "
+        f"{manifest.vocab_sizes['items'] - 1} items")
+  queries = config.batch_size * (manifest.max_seq_len if config.all_positions and
+                                 manifest.samples == "windows" else 1)
+  pool = min(config.num_negatives, queries) if config.num_negatives else queries
+  if queries * pool > MAX_LOGITS:
+    bad(f"--batch_size={config.batch_size} gives {queries} loss positions per step against "
+        f"{pool} negatives, a {queries}x{pool} logits matrix; lower --batch_size or set "
+        f"--num_negatives <= {max(1, MAX_LOGITS // queries)}")
+  if max(config.eval_topk) > manifest.vocab_sizes["items"] - 1:
+    bad(f"--eval_topk={max(config.eval_topk)} exceeds the {manifest.vocab_sizes['items'] - 1} "
+        "items")
+  _check_saved_config(config)
+  return manifest
+
+
+def _check_saved_config(config: TrainerConfig) -> None:
+  path = Path(config.model_dir) / CONFIG_FILE
+  if not path.is_file():
+    return
+  try:
+    saved = TrainerConfig.from_dict(json.loads(path.read_text()))
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"--model_dir: {path} is not a trainer config ({e})") from e
+  for name in ARCHITECTURE_FIELDS:
+    if getattr(saved, name) != getattr(config, name):
+      raise ConfigError(
+          f"--{name}={getattr(config, name)} differs from {getattr(saved, name)} of the "
+          f"checkpoints in {config.model_dir} (use another --model_dir)")
+  if Path(saved.data_dir).absolute() != Path(config.data_dir).absolute():
+    raise ConfigError(f"--data_dir={config.data_dir} differs from {saved.data_dir} the "
+                      f"checkpoints in {config.model_dir} were trained on")
+
+
+def save(config: TrainerConfig) -> None:
+  from preprocess.fileio import write_json_atomic
+  Path(config.model_dir).mkdir(parents=True, exist_ok=True)
+  write_json_atomic(Path(config.model_dir) / CONFIG_FILE, config.to_dict())

@@ -1,0 +1,99 @@
+"""The trainer's export: what the retrieval job (and serving) loads.
+
+  model_dir/export/
+    export_manifest.json   this module's ExportInfo: model, sizes, data fingerprint
+    user_tower/            SavedModel, signature serving_default:
+                             history [None, max_seq_len] int64 item indices (0 = padding,
+                               left-padded, latest click last)
+                             user    [None] int64 user index (ignored by sasrec)
+                           -> vector [None, emb_dim] float32, L2-normalised
+    item_embeddings.npy    float32 [num_items, emb_dim]; row i = item index i (row 0,
+                           padding, is zeros); raw ids: the data's vocab/items.parquet
+
+The data fingerprint (SHA-256 of vocab/items.parquet) lets the retrieval job
+refuse a data directory whose vocabulary differs from the model's. The
+export directory is replaced atomically.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from preprocess import manifest as mf
+from preprocess.errors import DataError
+from preprocess.fileio import atomic_directory, sha256_file, write_json_atomic
+from trainer.models import RetrievalModel
+
+EXPORT_DIR = "export"
+EXPORT_MANIFEST = "export_manifest.json"
+USER_TOWER = "user_tower"
+ITEM_EMBEDDINGS = "item_embeddings.npy"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportInfo:
+  model: str
+  emb_dim: int
+  max_seq_len: int
+  num_items: int
+  num_users: int
+  data_dir: str
+  data_fingerprint: str  # SHA-256 of the data's vocab/items.parquet
+  global_step: int
+  user_tower: str = USER_TOWER
+  item_embeddings: str = ITEM_EMBEDDINGS
+
+
+def data_fingerprint(manifest: mf.Manifest) -> str:
+  return sha256_file(manifest.path(mf.ITEMS_FILE))
+
+
+class UserTower(tf.Module):
+  """The serving module: item-index history (+ user index) -> user vector."""
+
+  def __init__(self, model: RetrievalModel, max_seq_len: int):
+    super().__init__()
+    self.model = model
+    self.serve = tf.function(
+        self._serve, input_signature=[
+            tf.TensorSpec([None, max_seq_len], tf.int64, name="history"),
+            tf.TensorSpec([None], tf.int64, name="user")])
+
+  def _serve(self, history, user):
+    vector = self.model.user_vector(tf.cast(history, tf.int32), tf.cast(user, tf.int32))
+    return {"vector": tf.cast(vector, tf.float32)}
+
+
+def export(model: RetrievalModel, model_name: str, manifest: mf.Manifest, model_dir: Path,
+           global_step: int) -> Path:
+  num_items = manifest.vocab_sizes["items"]
+  vectors = np.concatenate([
+      model.item_vectors(tf.range(b, min(b + 65536, num_items)), training=False).numpy()
+      for b in range(0, num_items, 65536)]).astype(np.float32)
+  vectors[0] = 0.0
+  info = ExportInfo(model=model_name, emb_dim=int(vectors.shape[1]),
+                    max_seq_len=manifest.max_seq_len, num_items=num_items,
+                    num_users=manifest.vocab_sizes["users"], data_dir=str(manifest.data_dir),
+                    data_fingerprint=data_fingerprint(manifest), global_step=global_step)
+  target = Path(model_dir) / EXPORT_DIR
+  with atomic_directory(target, overwrite=True) as tmp:
+    tower = UserTower(model, manifest.max_seq_len)
+    tf.saved_model.save(tower, str(tmp / USER_TOWER), signatures={"serving_default": tower.serve})
+    np.save(tmp / ITEM_EMBEDDINGS, vectors)
+    write_json_atomic(tmp / EXPORT_MANIFEST, dataclasses.asdict(info))
+  return target
+
+
+def load_info(model_dir: Path | str) -> ExportInfo:
+  """Reads model_dir/export/export_manifest.json (errors name what is missing)."""
+  path = Path(model_dir) / EXPORT_DIR / EXPORT_MANIFEST
+  if not path.is_file():
+    raise DataError(f"{Path(model_dir)}: no {EXPORT_DIR}/{EXPORT_MANIFEST} (not a trainer "
+                    "model_dir, or training has not finished)")
+  try:
+    return ExportInfo(**json.loads(path.read_text()))
+  except (ValueError, TypeError) as e:
+    raise DataError(f"{path}: malformed export manifest ({e})") from e

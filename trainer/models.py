@@ -1,0 +1,228 @@
+"""Retrieval models and their registry.
+
+Every model maps a left-padded history [B, L] of item indices (0 = padding)
+and the user index [B] to a query vector at *every* position, [B, L, D],
+and item indices to item vectors [..., D]; both L2-normalised. Position
+L - 1 always holds the latest click (left padding), so it is the user
+vector; the other positions give a loss on every position of a window
+(`--samples=windows`).
+
+  sasrec:    the notebook's SASRec: item + position embeddings, pre-LN causal
+             multi-head attention blocks with a feed-forward layer, final
+             LayerNorm, a Dense head; items: the shared item embedding and a
+             Dense head.
+  two_tower: the notebook's DSSM: user embedding + mean of the history
+             embeddings so far (a running mean, so each position sees only
+             its past) -> MLP; items: item + category embeddings -> MLP. The
+             notebook's MLP ends in a ReLU, which confines every vector to the
+             positive orthant; here the last layer is linear.
+
+Dropout is `SeededDropout`: its mask is a function of (seed, step, replica,
+layer), so a resumed run repeats the exact masks without any RNG state in the
+checkpoint, and it uses the Philox generator: XLA on CPU generates the
+default ("auto_select") stateless randoms about 70x slower, which made Keras
+`Dropout` cost 0.5 s per [128, 50, 128] tensor inside a jit-compiled step.
+Attention is a small causal self-attention layer for the same reason (Keras
+`MultiHeadAttention` drops out with Keras `Dropout`).
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer.config import TrainerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What a model needs to know about the data (from the manifest)."""
+  num_items: int  # vocabulary size, padding included
+  num_users: int
+  num_categories: int
+  max_seq_len: int
+  item_category: np.ndarray  # int32 [num_items]: category index of each item index
+
+
+class SeededDropout(keras.layers.Layer):
+  """Dropout with a mask that is a function of (seed, salt); Philox RNG."""
+
+  def __init__(self, rate: float, salt: int, **kwargs):
+    super().__init__(**kwargs)
+    self.rate, self.salt = rate, salt
+
+  def call(self, x, seed=None, training=False):
+    if not training or not self.rate or seed is None:
+      return x
+    layer_seed = tf.cast(seed, tf.int64) + tf.constant([0, 1_000_003], tf.int64) * self.salt
+    return tf.nn.experimental.stateless_dropout(x, self.rate, seed=layer_seed, rng_alg="philox")
+
+
+class RetrievalModel(keras.Model):
+  """Base: query vectors per position, item vectors, the user vector.
+
+  `seed` ([2] int64, training only) keys every dropout mask of the call.
+  """
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self._dropout_salts = 0
+
+  def dropout(self, rate: float) -> SeededDropout:
+    self._dropout_salts += 1
+    return SeededDropout(rate, salt=self._dropout_salts)
+
+  def query_sequence(self, history: tf.Tensor, user: tf.Tensor, training: bool = False,
+                     seed: tf.Tensor | None = None) -> tf.Tensor:
+    raise NotImplementedError
+
+  def item_vectors(self, items: tf.Tensor, training: bool = False,
+                   seed: tf.Tensor | None = None) -> tf.Tensor:
+    raise NotImplementedError
+
+  def user_vector(self, history: tf.Tensor, user: tf.Tensor) -> tf.Tensor:
+    return self.query_sequence(history, user, training=False)[:, -1, :]
+
+  def call(self, inputs, training=False):
+    return self.query_sequence(inputs["history"], inputs["user"], training=training)
+
+
+def _l2(x: tf.Tensor) -> tf.Tensor:
+  return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
+
+
+class CausalSelfAttention(keras.layers.Layer):
+  """Multi-head self-attention over allowed (query, key) pairs."""
+
+  def __init__(self, emb_dim: int, num_heads: int, dropout: SeededDropout, **kwargs):
+    super().__init__(**kwargs)
+    self.num_heads, self.head_dim = num_heads, emb_dim // num_heads
+    self.qkv = keras.layers.Dense(3 * emb_dim, name="qkv")
+    self.output_projection = keras.layers.Dense(emb_dim, name="out")
+    self.attention_dropout = dropout
+
+  def call(self, x, mask, seed=None, training=False):
+    batch, length = tf.shape(x)[0], tf.shape(x)[1]
+    qkv = tf.reshape(self.qkv(x), [batch, length, 3, self.num_heads, self.head_dim])
+    q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # each [B, H, L, d]
+    scores = tf.einsum("bhqd,bhkd->bhqk", q, k) / tf.math.sqrt(float(self.head_dim))
+    scores = tf.where(mask[:, None, :, :], scores, tf.constant(-1e9, scores.dtype))
+    weights = self.attention_dropout(tf.nn.softmax(scores, axis=-1), seed=seed,
+                                            training=training)
+    context = tf.einsum("bhqk,bhkd->bqhd", weights, v)
+    return self.output_projection(tf.reshape(context, [batch, length, -1]))
+
+
+class TransformerBlock(keras.layers.Layer):
+  """Pre-LayerNorm causal self-attention + feed-forward, residual both."""
+
+  def __init__(self, emb_dim: int, num_heads: int, ff_dim: int, dropout, **kwargs):
+    super().__init__(**kwargs)
+    self.attention_norm = keras.layers.LayerNormalization(epsilon=1e-6)
+    self.attention = CausalSelfAttention(emb_dim, num_heads, dropout(), name="attention")
+    self.ffn_norm = keras.layers.LayerNormalization(epsilon=1e-6)
+    self.ffn_in = keras.layers.Dense(ff_dim, activation="relu")
+    self.ffn_dropout = dropout()
+    self.ffn_out = keras.layers.Dense(emb_dim)
+    self.attention_output_dropout = dropout()
+    self.ffn_output_dropout = dropout()
+
+  def call(self, x, attention_mask, seed=None, training=False):
+    h = self.attention(self.attention_norm(x), attention_mask, seed=seed, training=training)
+    x = x + self.attention_output_dropout(h, seed=seed, training=training)
+    h = self.ffn_out(self.ffn_dropout(self.ffn_in(self.ffn_norm(x)), seed=seed,
+                                      training=training))
+    return x + self.ffn_output_dropout(h, seed=seed, training=training)
+
+
+class SASRec(RetrievalModel):
+
+  def __init__(self, config: TrainerConfig, data: DataSpec, **kwargs):
+    super().__init__(**kwargs)
+    self.max_seq_len = data.max_seq_len
+    self.item_embedding = keras.layers.Embedding(data.num_items, config.emb_dim, name="item_emb")
+    self.position_embedding = keras.layers.Embedding(data.max_seq_len, config.emb_dim,
+                                                     name="pos_emb")
+    self.input_dropout = self.dropout(config.dropout)
+    self.blocks = [TransformerBlock(config.emb_dim, config.num_heads, config.ff_dim,
+                                    lambda: self.dropout(config.dropout), name=f"block_{i}")
+                   for i in range(config.num_blocks)]
+    self.final_norm = keras.layers.LayerNormalization(epsilon=1e-6)
+    self.query_head = keras.layers.Dense(config.emb_dim, name="query_head")
+    self.item_head = keras.layers.Dense(config.emb_dim, name="item_head")
+
+  def query_sequence(self, history, user, training=False, seed=None):
+    del user  # SASRec is a function of the history only
+    real = tf.not_equal(history, 0)
+    x = self.item_embedding(history) + self.position_embedding(tf.range(self.max_seq_len))
+    x = self.input_dropout(x * tf.cast(real, x.dtype)[..., None], seed=seed, training=training)
+    length = tf.shape(history)[1]
+    causal = tf.linalg.band_part(tf.ones([length, length], tf.bool), -1, 0)
+    mask = causal[None, :, :] & real[:, None, :]  # query i sees real keys j <= i
+    for block in self.blocks:
+      x = block(x, attention_mask=mask, seed=seed, training=training)
+    return _l2(self.query_head(self.final_norm(x)))
+
+  def item_vectors(self, items, training=False, seed=None):
+    return _l2(self.item_head(self.item_embedding(items)))
+
+
+class TwoTower(RetrievalModel):
+
+  def __init__(self, config: TrainerConfig, data: DataSpec, **kwargs):
+    super().__init__(**kwargs)
+    dim = config.emb_dim
+    self.user_embedding = keras.layers.Embedding(data.num_users, dim, name="user_emb")
+    self.item_embedding = keras.layers.Embedding(data.num_items, dim, name="item_emb")
+    self.category_embedding = keras.layers.Embedding(data.num_categories, max(4, dim // 4),
+                                                     name="cat_emb")
+    self.item_category = tf.constant(data.item_category, tf.int32)
+
+    def tower(name):
+      layers = []
+      for i, units in enumerate(config.tower_units):
+        layers += [keras.layers.Dense(units, activation="relu", name=f"{name}_{i}"),
+                   self.dropout(config.dropout)]
+      return layers + [keras.layers.Dense(dim, name=f"{name}_out")]
+
+    self.user_tower = tower("user_tower")
+    self.item_tower = tower("item_tower")
+
+  @staticmethod
+  def _apply(layers, x, seed, training):
+    for layer in layers:
+      x = layer(x, seed=seed, training=training) if isinstance(layer, SeededDropout) \
+          else layer(x)
+    return x
+
+  def query_sequence(self, history, user, training=False, seed=None):
+    real = tf.cast(tf.not_equal(history, 0), tf.float32)[..., None]
+    emb = tf.cast(self.item_embedding(history), tf.float32) * real
+    # Prefix sums as a lower-triangular matmul: XLA on CPU compiles tf.cumsum
+    # to a slow reduce-window (the two-tower step took 2.3x longer with it).
+    length = tf.shape(history)[1]
+    lower = tf.linalg.band_part(tf.ones([length, length], tf.float32), -1, 0)
+    running_mean = tf.einsum("ij,bjd->bid", lower, emb) / tf.maximum(
+        tf.einsum("ij,bjd->bid", lower, real), 1.0)
+    user_emb = tf.cast(self.user_embedding(user), tf.float32)[:, None, :]
+    user_emb = tf.broadcast_to(user_emb, tf.shape(running_mean))
+    x = tf.concat([user_emb, running_mean], axis=-1)
+    return _l2(self._apply(self.user_tower, x, seed, training))
+
+  def item_vectors(self, items, training=False, seed=None):
+    x = tf.concat([self.item_embedding(items),
+                   self.category_embedding(tf.gather(self.item_category, items))], axis=-1)
+    return _l2(self._apply(self.item_tower, x, seed, training))
+
+
+MODEL_CLASSES = {"sasrec": SASRec, "two_tower": TwoTower}
+
+
+def build(config: TrainerConfig, data: DataSpec) -> RetrievalModel:
+  """Builds the model named by --model and creates its variables."""
+  model = MODEL_CLASSES[config.model](config, data, name=config.model)
+  history = tf.zeros([1, data.max_seq_len], tf.int32)
+  model.query_sequence(history, tf.zeros([1], tf.int32))
+  model.item_vectors(tf.zeros([1], tf.int32))
+  return model

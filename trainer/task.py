@@ -1,0 +1,68 @@
+"""The retrieval task: a parsed batch -> the in-batch softmax loss.
+
+positions data (and --noall_positions): one query per example, the last
+position, whose positive is the example's target (the notebooks).
+windows data with --all_positions: every real position j of the window is a
+query whose positive is the next click (history[j + 1], or the target at the
+last position), so each training click is predicted once per epoch.
+"""
+
+import numpy as np
+import pyarrow.parquet as pq
+import tensorflow as tf
+
+from preprocess import manifest as mf
+from trainer.config import TrainerConfig
+from trainer.losses import InBatchSoftmaxLoss
+from trainer.models import RetrievalModel
+
+
+def item_log_q(manifest: mf.Manifest) -> np.ndarray:
+  """log P(item is a training target): the in-batch candidate distribution."""
+  counts = pq.read_table(manifest.path(mf.ITEMS_FILE), columns=[mf.ITEM_FREQUENCY_COLUMN])
+  counts = counts.column(0).to_numpy().astype(np.float64)
+  # Items never trained on never appear as candidates; keep their log finite.
+  return np.log(np.maximum(counts, 1.0) / max(counts.sum(), 1.0)).astype(np.float32)
+
+
+class RetrievalTask:
+
+  def __init__(self, config: TrainerConfig, manifest: mf.Manifest, model: RetrievalModel):
+    self.model = model
+    self.all_positions = config.all_positions and manifest.samples == "windows"
+    self.log_q = tf.constant(item_log_q(manifest))
+    self.loss = InBatchSoftmaxLoss(
+        temperature=config.temperature,
+        remove_accidental_hits=config.remove_accidental_hits,
+        logq_correction=config.logq_correction,
+        symmetric=config.symmetric_loss,
+        cross_replica=config.cross_replica_negatives,
+        num_negatives=config.num_negatives)
+    self.seed = config.seed
+
+  def compute_loss(self, batch: dict[str, tf.Tensor], training: bool = True,
+                   step: tf.Tensor | int = 0) -> tf.Tensor:
+    """This replica's share of the global mean loss (see InBatchSoftmaxLoss).
+
+    `step` seeds dropout and the negative pool, so a resumed run repeats them.
+    """
+    history, target = batch[mf.FEATURE_HISTORY], batch[mf.FEATURE_TARGET]
+    ctx = tf.distribute.get_replica_context()
+    replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+    # (seed, step, replica) keys the dropout masks and the negative pool.
+    seed = tf.stack([tf.constant(self.seed, tf.int64),
+                     tf.cast(step, tf.int64) * 4096 + tf.cast(replica, tf.int64)])
+    queries = self.model.query_sequence(history, batch[mf.FEATURE_USER], training=training,
+                                        seed=seed)
+    if self.all_positions:
+      positives = tf.concat([history[:, 1:], target[:, None]], axis=1)
+      weights = tf.reshape(tf.cast(tf.not_equal(history, 0), tf.float32), [-1])
+      queries = tf.reshape(queries, [-1, tf.shape(queries)[-1]])
+      positives = tf.reshape(positives, [-1])
+    else:
+      queries = queries[:, -1, :]
+      positives = target
+      weights = tf.ones(tf.shape(target), tf.float32)
+    candidates = self.model.item_vectors(positives, training=training, seed=seed)
+    return self.loss(queries, candidates, positives, weights, tf.gather(self.log_q, positives),
+                     seed=seed)

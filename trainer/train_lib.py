@@ -1,0 +1,323 @@
+"""The training loop: strategy, checkpoints, exact resume, evaluation, export.
+
+A custom loop over `strategy.run`, `steps_per_loop` steps per tf.function
+call (Model Garden / Orbit style). Around it:
+
+* Checkpoints (`tf.train.CheckpointManager`) every --checkpoint_every_steps
+  and at the end hold the model and the optimizer (its iteration counter is
+  the global step); dropout masks and negative pools are functions of (seed,
+  step, replica), so a re-run of the same command
+  resumes at the exact batch: the input stream is a pure function of (seed,
+  epoch) and is skipped to the restored step (input_pipeline.py).
+* SIGTERM finishes the current loop, saves a checkpoint and returns
+  normally (exit 0). A NaN/Inf loss raises TrainingError before anything is
+  saved, so the last good checkpoint stays the latest.
+* Progress lines with examples/s; TensorBoard scalars (loss, learning rate,
+  examples/s, eval metrics) in model_dir/summaries.
+* Keras 3 trap: the optimizer is built inside strategy.scope() before the
+  first step, else the step fails on a placeholder.
+"""
+
+import dataclasses
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pyarrow.parquet as pq
+import tensorflow as tf
+from absl import logging
+
+from preprocess import manifest as mf
+from preprocess.fileio import write_json_atomic
+from trainer import config as config_lib
+from trainer import evaluation, export, input_pipeline, models, strategies
+from trainer.config import TrainerConfig
+from trainer.task import RetrievalTask
+
+CHECKPOINT_DIR = "checkpoints"
+WORKER_TMP_DIR = "worker_tmp"  # non-chief workers' checkpoints, removed at the end
+METRICS_FILE = "metrics.json"
+
+
+class TrainingError(RuntimeError):
+  """Training cannot continue (e.g. a non-finite loss); the message says why."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  global_step: int
+  interrupted: bool
+  metrics: dict | None
+
+
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warm-up to `peak`, then constant or cosine decay to 0 at `total_steps`."""
+
+  def __init__(self, peak: float, warmup_steps: int, total_steps: int, kind: str):
+    self.peak, self.warmup_steps, self.total_steps, self.kind = peak, warmup_steps, total_steps, kind
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    warmup = tf.cast(max(self.warmup_steps, 1), tf.float32)
+    rate = self.peak * tf.minimum(1.0, (step + 1.0) / warmup)
+    if self.kind == "cosine":
+      span = tf.cast(max(self.total_steps - self.warmup_steps, 1), tf.float32)
+      progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
+      rate = tf.where(step < self.warmup_steps, rate,
+                      self.peak * 0.5 * (1.0 + tf.cos(math.pi * progress)))
+    return rate
+
+  def get_config(self):
+    return {"peak": self.peak, "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps, "kind": self.kind}
+
+
+def data_spec(manifest: mf.Manifest) -> models.DataSpec:
+  category = pq.read_table(manifest.path(mf.ITEMS_FILE), columns=["category"])
+  return models.DataSpec(
+      num_items=manifest.vocab_sizes["items"], num_users=manifest.vocab_sizes["users"],
+      num_categories=manifest.vocab_sizes["categories"], max_seq_len=manifest.max_seq_len,
+      item_category=category.column(0).to_numpy().astype(np.int32))
+
+
+def _num_input_pipelines(strategy: tf.distribute.Strategy) -> int:
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return 1
+  spec = resolver.cluster_spec()
+  return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs)
+
+
+def _is_chief(strategy: tf.distribute.Strategy) -> bool:
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return True
+  if resolver.task_type == "chief":
+    return True
+  return resolver.task_type == "worker" and resolver.task_id == 0 and \
+      "chief" not in resolver.cluster_spec().jobs
+
+
+class _StopFlag:
+  """Set by SIGTERM; the loop checks it between tf.function calls."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+  """Builds everything for one config; `run()` trains, evaluates, exports."""
+
+  def __init__(self, config: TrainerConfig, manifest: mf.Manifest):
+    self.config, self.manifest = config, manifest
+    self.model_dir = Path(config.model_dir)
+    keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision:
+      has_gpu = bool(tf.config.list_physical_devices("GPU"))
+      keras.mixed_precision.set_global_policy("mixed_float16" if has_gpu else "mixed_bfloat16")
+    self.strategy = strategies.create(config)
+    replicas = self.strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+      raise config_lib.ConfigError(
+          f"--batch_size={config.batch_size} is not divisible by the {replicas} replicas")
+    self.num_pipelines = _num_input_pipelines(self.strategy)
+    self.is_chief = _is_chief(self.strategy)
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(manifest, config.batch_size, replicas,
+                                                          self.num_pipelines)
+    self.total_steps = config.train_steps or config.epochs * self.steps_per_epoch
+    with self.strategy.scope():
+      self.model = models.build(config, data_spec(manifest))
+      schedule = WarmupSchedule(config.learning_rate, config.warmup_steps, self.total_steps,
+                                config.lr_schedule)
+      optimizer = keras.optimizers.Adam(learning_rate=schedule)
+      if keras.mixed_precision.global_policy().name == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+      self.optimizer = optimizer
+      self.optimizer.build(self.model.trainable_variables)
+    self.task = RetrievalTask(config, manifest, self.model)
+    # No RNG state to save: dropout masks and negative pools are functions of
+    # (seed, step, replica) (models.SeededDropout).
+    self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+    checkpoint_dir = self.model_dir / CHECKPOINT_DIR
+    if not self.is_chief:  # other workers write where nobody reads (TF's documented pattern)
+      checkpoint_dir = self.model_dir / WORKER_TMP_DIR / f"worker_{self._task_id()}"
+    self.manager = tf.train.CheckpointManager(self.checkpoint, str(checkpoint_dir),
+                                              max_to_keep=config.keep_checkpoints)
+    self._eval_writer = None
+
+  def _task_id(self) -> int:
+    resolver = getattr(self.strategy, "cluster_resolver", None)
+    return int(resolver.task_id) if resolver is not None else 0
+
+  @property
+  def global_step(self) -> int:
+    return int(self.optimizer.iterations.numpy())
+
+  def restore(self) -> int:
+    latest = self.manager.latest_checkpoint
+    if latest is None and not self.is_chief:
+      latest = tf.train.latest_checkpoint(str(self.model_dir / CHECKPOINT_DIR))
+    if latest:
+      self.checkpoint.restore(latest).assert_existing_objects_matched()
+      logging.info("resumed from %s at step %d", latest, self.global_step)
+    return self.global_step
+
+  def _train_loop_function(self):
+    model, optimizer, task, strategy = self.model, self.optimizer, self.task, self.strategy
+    variables = model.trainable_variables
+    scale = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+    def forward_backward(batch):
+      with tf.GradientTape() as tape:
+        loss = task.compute_loss(batch, training=True, step=optimizer.iterations)
+        scaled = optimizer.scale_loss(loss) if scale else loss
+      return loss, tape.gradient(scaled, variables)
+
+    if self.config.jit_compile:
+      forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def replica_step(batch):
+      loss, grads = forward_backward(batch)
+      optimizer.apply_gradients(zip(grads, variables))
+      return loss
+
+    @tf.function
+    def train_loop(iterator, num_steps):
+      total = tf.constant(0.0, tf.float32)
+      for _ in tf.range(num_steps):
+        losses = strategy.run(replica_step, args=(next(iterator),))
+        # Each replica returns its share of the global mean: the sum is the mean.
+        total += strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+      return total / tf.cast(num_steps, tf.float32)
+
+    return train_loop
+
+  def _evaluator(self, max_users: int) -> evaluation.Evaluator:
+    c = self.config
+    return evaluation.Evaluator(self.manifest, c.eval_split, c.eval_topk, c.eval_negatives,
+                                c.eval_batch_size, max_users, c.seed)
+
+  def run(self) -> RunResult:
+    c = self.config
+    step = self.restore()
+    if self.is_chief:
+      config_lib.save(c)
+    if step >= self.total_steps:
+      logging.info("already trained %d >= %d steps", step, self.total_steps)
+    reader = input_pipeline.TrainReader(self.manifest, c.batch_size, c.seed, self.steps_per_epoch,
+                                        start_step=step, shuffle_buffer=c.shuffle_buffer)
+    dataset = self.strategy.distribute_datasets_from_function(reader)
+    iterator = iter(dataset)
+    train_loop = self._train_loop_function()
+    writer = tf.summary.create_file_writer(str(self.model_dir / "summaries" / "train")) \
+        if self.is_chief else tf.summary.create_noop_writer()
+    periodic_eval = self._evaluator(c.eval_max_users) if c.eval_every_steps else None
+    logging.info("training %s: %d steps (%d per epoch), global batch %d on %d replicas",
+                 c.model, self.total_steps, self.steps_per_epoch, c.batch_size,
+                 self.strategy.num_replicas_in_sync)
+    interrupted = False
+    window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+    with _StopFlag() as stop:
+      while step < self.total_steps:
+        boundaries = [self.total_steps, _next_multiple(step, c.steps_per_loop),
+                      _next_multiple(step, c.checkpoint_every_steps),
+                      _next_multiple(step, c.log_every_steps)]
+        if c.eval_every_steps:
+          boundaries.append(_next_multiple(step, c.eval_every_steps))
+        num_steps = min(boundaries) - step
+        try:
+          loss = float(train_loop(iterator, tf.constant(num_steps, tf.int32)))
+        except tf.errors.DataLossError as e:
+          input_pipeline.reraise_naming_damaged_shard(self.manifest, mf.TRAIN, e)
+        if not math.isfinite(loss):
+          raise TrainingError(
+              f"loss is {loss} in steps {step + 1}-{step + num_steps}; stopped without saving, "
+              f"the last good checkpoint is {self.manager.latest_checkpoint}")
+        step += num_steps
+        window_steps += num_steps
+        window_loss += loss * num_steps
+        if step % c.log_every_steps == 0 or step == self.total_steps:
+          elapsed = time.perf_counter() - window_start
+          rate = window_steps * c.batch_size / max(elapsed, 1e-9)
+          lr = float(self.optimizer.learning_rate.numpy())
+          logging.info("step %d/%d (epoch %.2f): loss %.4f, %.0f examples/s, lr %.2e", step,
+                       self.total_steps, step / self.steps_per_epoch, window_loss / window_steps,
+                       rate, lr)
+          with writer.as_default(step=step):
+            tf.summary.scalar("loss", window_loss / window_steps)
+            tf.summary.scalar("learning_rate", lr)
+            tf.summary.scalar("examples_per_second", rate)
+          window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+        if step % c.checkpoint_every_steps == 0:
+          self._save(step)
+        if periodic_eval is not None and step % c.eval_every_steps == 0 and \
+            step < self.total_steps and self.is_chief:
+          self._log_eval(periodic_eval.evaluate(self.model), step)
+        if stop.requested:
+          self._save(step)
+          logging.info("SIGTERM: saved a checkpoint at step %d; re-run to resume", step)
+          interrupted = True
+          break
+    writer.flush()
+    result_metrics = None
+    if not interrupted:
+      self._save(step)
+    if not self.is_chief:
+      shutil.rmtree(self.model_dir / WORKER_TMP_DIR / f"worker_{self._task_id()}",
+                    ignore_errors=True)
+    elif not interrupted:
+      result_metrics = self._log_eval(self._evaluator(0).evaluate(self.model), step)
+      write_json_atomic(self.model_dir / METRICS_FILE,
+                        {"model": c.model, "global_step": step, **result_metrics})
+      if c.export:
+        path = export.export(self.model, c.model, self.manifest, self.model_dir, step)
+        logging.info("exported %s", path)
+    return RunResult(step, interrupted, result_metrics)
+
+  def _save(self, step: int) -> None:
+    """Checkpoints `step` unless that step is already the latest checkpoint."""
+    latest = self.manager.latest_checkpoint
+    if latest is None or not latest.endswith(f"-{step}"):
+      self.manager.save(checkpoint_number=step)
+
+  def _log_eval(self, result: dict, step: int) -> dict:
+    k = min(self.config.eval_topk)
+    logging.info("eval %s (%s, %d users) at step %d: HR@%d %.4f NDCG@%d %.4f", result["split"],
+                 result["protocol"], result["num_users"], step, k, result[f"hit_rate@{k}"], k,
+                 result[f"ndcg@{k}"])
+    if self._eval_writer is None:
+      self._eval_writer = tf.summary.create_file_writer(str(self.model_dir / "summaries" / "eval"))
+    writer = self._eval_writer
+    with writer.as_default(step=step):
+      for name, value in result.items():
+        if isinstance(value, float):
+          tf.summary.scalar(name, value)
+    writer.flush()
+    return result
+
+
+def _next_multiple(step: int, every: int) -> int:
+  return (step // every + 1) * every
+
+
+def train(config: TrainerConfig, manifest: mf.Manifest) -> RunResult:
+  return Trainer(config, manifest).run()
