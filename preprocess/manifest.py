@@ -63,6 +63,9 @@ CATEGORY_COLUMNS = ("index", "category_id", "name", "num_items")
 # none). The test query history is history + [valid_item].
 HISTORY_COLUMNS = ("user", "user_id", "history", "history_ts", "valid_item",
                    "valid_ts", "test_item", "test_ts")
+# Users per Parquet row group of user_histories.parquet: batch jobs read
+# their slice of users a row group at a time.
+USER_HISTORIES_ROW_GROUP = 65536
 # The items column the trainer uses for logQ correction: how often each item
 # is a training target, i.e. how often it appears as an in-batch candidate.
 ITEM_FREQUENCY_COLUMN = "target_count"

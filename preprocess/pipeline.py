@@ -424,7 +424,7 @@ def run(config: PreprocessConfig) -> mf.Manifest:
     pq.write_table(users_table, tmp / mf.USERS_FILE)
     pq.write_table(vocab.categories, tmp / mf.CATEGORIES_FILE)
     pq.write_table(_user_histories_table(seqs, holdout, user_ids, train_mask),
-                   tmp / mf.USER_HISTORIES_FILE)
+                   tmp / mf.USER_HISTORIES_FILE, row_group_size=mf.USER_HISTORIES_ROW_GROUP)
     splits = _write_splits(tmp, targets, seqs, vocab.item_category, config)
     manifest = mf.Manifest(
         source={"type": config.source, "time_unit": log.time_unit,

@@ -1,11 +1,89 @@
-"""retrieval: not implemented yet (issue 4). Exits non-zero, writes nothing."""
+"""retrieval: FAISS index over the item tower, top-K candidates per user, metrics.
 
+  retrieval --data_dir=DATA --model_dir=MODEL --output_dir=OUT [--index=ivf]
+      [--num_workers=N --worker_index=W]
+
+See retrieval/job.py for the output layout and the evaluation protocol.
+"""
+
+import os
 import sys
+
+from absl import app, flags, logging
+
+from preprocess.errors import DataError
+from retrieval import index as index_lib
+from retrieval import job
+
+_D = job.RetrievalConfig(data_dir="", model_dir="", output_dir="")
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "preprocess output directory (its manifest).")
+flags.DEFINE_string("model_dir", None, "trainer model_dir holding export/.")
+flags.DEFINE_string("output_dir", None, "Where the index, candidates and metrics go.")
+flags.DEFINE_enum("index", _D.index, list(index_lib.INDEX_TYPES), "FAISS index type.")
+flags.DEFINE_integer("nlist", _D.nlist, "IVF lists (0: ~4 sqrt(items), >= 39 items per list).")
+flags.DEFINE_integer("nprobe", _D.nprobe, "IVF lists searched (0: nlist / 16).")
+flags.DEFINE_integer("pq_m", _D.pq_m, "ivf_pq: sub-quantisers (must divide the embedding size).")
+flags.DEFINE_integer("hnsw_m", _D.hnsw_m, "hnsw: neighbours per node.")
+flags.DEFINE_integer("ef_search", _D.ef_search, "hnsw: search depth (0: 128).")
+flags.DEFINE_integer("topk", _D.topk, "Candidates per user.")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Users per batch (and per part file).")
+flags.DEFINE_boolean("exclude_seen", _D.exclude_seen, "Remove each user's clicked items.")
+flags.DEFINE_enum("eval_split", _D.eval_split, ["valid", "test", job.EVAL_NONE],
+                  "Query histories and targets: valid = training clicks (the notebooks' "
+                  "export), test = + the validation click, none = every click, no metrics.")
+flags.DEFINE_list("eval_topk", list(map(str, _D.eval_topk)), "HitRate/NDCG cut-offs (<= topk).")
+flags.DEFINE_integer("ann_recall_users", _D.ann_recall_users,
+                     "Users also searched exactly to measure ANN recall (non-flat indexes).")
+flags.DEFINE_integer("num_workers", _D.num_workers, "Processes sharing the users.")
+flags.DEFINE_integer("worker_index", _D.worker_index, "This process's share (0-based).")
+flags.DEFINE_integer("threads", _D.threads, "FAISS OpenMP threads (0: FAISS default).")
+flags.DEFINE_boolean("overwrite", _D.overwrite, "Replace another job's output in --output_dir.")
+
+
+def fail(message: str, code: int) -> None:
+  print(f"retrieval: error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}", 2)
+  for name in ("data_dir", "model_dir", "output_dir"):
+    if not getattr(FLAGS, name):
+      fail(f"--{name} is required", 2)
+  try:
+    eval_topk = tuple(int(k) for k in FLAGS.eval_topk)
+  except ValueError:
+    fail(f"--eval_topk={','.join(FLAGS.eval_topk)}: expected integers", 2)
+  config = job.RetrievalConfig(**{
+      field: getattr(FLAGS, field) for field in job.RetrievalConfig.__dataclass_fields__
+      if field != "eval_topk"}, eval_topk=eval_topk)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  try:
+    result = job.run(config)
+  except job.ConfigError as e:
+    fail(str(e), 2)
+  except DataError as e:
+    fail(str(e), 1)
+  if not result:
+    print(f"retrieval: worker {config.worker_index} done; metrics when all "
+          f"{config.num_workers} have finished")
+    return
+  line = f"retrieval: {result['users']} users, {result['candidates']} candidates"
+  if config.eval_split != job.EVAL_NONE:
+    k = min(config.eval_topk)
+    line += (f", {config.eval_split} HR@{k} {result[f'hit_rate@{k}']:.4f} "
+             f"NDCG@{k} {result[f'ndcg@{k}']:.4f}")
+  ann = result.get(f"ann_recall@{config.topk}")
+  if ann is not None:
+    line += f", ANN recall@{config.topk} {ann:.4f}"
+  print(f"{line} ({config.output_dir}/{job.METRICS_FILE})")
 
 
 def run():
-  print("retrieval: not implemented yet (issue #4)", file=sys.stderr)
-  sys.exit(3)
+  logging.set_verbosity(logging.INFO)
+  app.run(main)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,33 @@ def summarize(ranks: np.ndarray, ks=(10, 20, 50)) -> dict[str, float]:
         if len(ranks) else 0.0
     out[f"recall@{k}"] = out[f"hit_rate@{k}"]
   return out
+
+
+def rank_sums(ranks: np.ndarray, ks) -> dict[str, float]:
+  """Additive form of `summarize` (counts and sums), to merge parts and workers."""
+  ranks = np.asarray(ranks)
+  out = {"num_users": int(len(ranks))}
+  for k in ks:
+    hit = ranks < k
+    out[f"hits@{k}"] = int(hit.sum())
+    out[f"ndcg_sum@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).sum())
+  return out
+
+
+def merge_sums(parts) -> dict[str, float]:
+  total: dict[str, float] = {}
+  for part in parts:
+    for key, value in part.items():
+      total[key] = total.get(key, 0) + value
+  return total
+
+
+def summarize_sums(sums: dict, ks) -> dict[str, float]:
+  """`summarize` from merged `rank_sums`."""
+  n = sums.get("num_users", 0)
+  out = {"num_users": int(n)}
+  for k in ks:
+    out[f"hit_rate@{k}"] = sums.get(f"hits@{k}", 0) / n if n else 0.0
+    out[f"ndcg@{k}"] = sums.get(f"ndcg_sum@{k}", 0.0) / n if n else 0.0
+    out[f"recall@{k}"] = out[f"hit_rate@{k}"]
+  return out

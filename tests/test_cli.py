@@ -53,8 +53,7 @@ def test_csv_source_requires_columns(tmp_path):
   assert "--source=csv needs --user_col and --item_col" in result.stderr
 
 
-@pytest.mark.parametrize("module", ["retrieval.main"])
-def test_unimplemented_jobs_say_so_and_fail(module):
-  result = run(module)
-  assert result.returncode != 0
-  assert "not implemented yet" in result.stderr
+def test_retrieval_needs_its_directories():
+  result = run("retrieval.main")
+  assert result.returncode == 2
+  assert result.stderr.strip() == "retrieval: error: --data_dir is required"

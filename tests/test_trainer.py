@@ -76,8 +76,10 @@ def test_resume_equals_an_uninterrupted_run(tiny_windows, tmp_path):
 
 
 def test_mirrored_on_two_cpus_trains_checkpoints_and_evaluates(tiny_windows, tmp_path):
+  # jit_compile as the binary's default: the gathered loss must still run.
   config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", strategy="mirrored",
-                                num_cpu_replicas=2, train_steps=4, export=False)
+                                num_cpu_replicas=2, train_steps=4, export=False,
+                                jit_compile=True)
   trainer = train_lib.Trainer(config, tiny_windows)
   assert trainer.strategy.num_replicas_in_sync == 2
   result = trainer.run()

@@ -16,35 +16,19 @@ export directory is replaced atomically.
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from preprocess import manifest as mf
-from preprocess.errors import DataError
 from preprocess.fileio import atomic_directory, sha256_file, write_json_atomic
+from trainer.export_info import (EXPORT_DIR, EXPORT_MANIFEST, ITEM_EMBEDDINGS, USER_TOWER,
+                                 ExportInfo, load_info)
 from trainer.models import RetrievalModel
 
-EXPORT_DIR = "export"
-EXPORT_MANIFEST = "export_manifest.json"
-USER_TOWER = "user_tower"
-ITEM_EMBEDDINGS = "item_embeddings.npy"
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportInfo:
-  model: str
-  emb_dim: int
-  max_seq_len: int
-  num_items: int
-  num_users: int
-  data_dir: str
-  data_fingerprint: str  # SHA-256 of the data's vocab/items.parquet
-  global_step: int
-  user_tower: str = USER_TOWER
-  item_embeddings: str = ITEM_EMBEDDINGS
+__all__ = ["EXPORT_DIR", "EXPORT_MANIFEST", "ITEM_EMBEDDINGS", "USER_TOWER", "ExportInfo",
+           "data_fingerprint", "export", "load_info"]
 
 
 def data_fingerprint(manifest: mf.Manifest) -> str:
@@ -85,15 +69,3 @@ def export(model: RetrievalModel, model_name: str, manifest: mf.Manifest, model_
     np.save(tmp / ITEM_EMBEDDINGS, vectors)
     write_json_atomic(tmp / EXPORT_MANIFEST, dataclasses.asdict(info))
   return target
-
-
-def load_info(model_dir: Path | str) -> ExportInfo:
-  """Reads model_dir/export/export_manifest.json (errors name what is missing)."""
-  path = Path(model_dir) / EXPORT_DIR / EXPORT_MANIFEST
-  if not path.is_file():
-    raise DataError(f"{Path(model_dir)}: no {EXPORT_DIR}/{EXPORT_MANIFEST} (not a trainer "
-                    "model_dir, or training has not finished)")
-  try:
-    return ExportInfo(**json.loads(path.read_text()))
-  except (ValueError, TypeError) as e:
-    raise DataError(f"{path}: malformed export manifest ({e})") from e

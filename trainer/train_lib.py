@@ -192,7 +192,14 @@ class Trainer:
         scaled = optimizer.scale_loss(loss) if scale else loss
       return loss, tape.gradient(scaled, variables)
 
-    if self.config.jit_compile:
+    # all_gather inside a nested XLA function cannot reach the cross-replica
+    # context ("merge_call called while defining a new graph"), so with
+    # gathered negatives over several replicas the step runs without XLA.
+    gathers = self.task.loss.cross_replica and strategy.num_replicas_in_sync > 1
+    if self.config.jit_compile and gathers:
+      logging.info("jit_compile: off for the step (cross-replica negatives on %d replicas)",
+                   strategy.num_replicas_in_sync)
+    elif self.config.jit_compile:
       forward_backward = tf.function(forward_backward, jit_compile=True)
 
     def replica_step(batch):

@@ -1,0 +1,375 @@
+"""The retrieval job: index the item tower, export top-K candidates per user, evaluate.
+
+  output_dir/
+    job.json                       the settings every worker and re-run must share
+    index/items.faiss              FAISS index (IndexIDMap2, labels = raw item ids)
+    index/index_info.json          what was built, from which export
+    candidates/part-WWWWW-of-NNNNN-BBBBBB.parquet
+                                   user_id, article_id (raw ids), recall_score (float32),
+                                   recall_rank (1-based); one file per batch of users
+    _SUCCESS-WWWWW-of-NNNNN.json   worker W finished: its counts and metric sums
+    _SUCCESS, metrics.json         written once every worker has finished
+
+Users are the rows of user_histories.parquet; worker W of N takes the
+contiguous slice [n W / N, n (W + 1) / N) and cuts it into batches, so part
+names are a function of the flags and a re-run skips every part that exists
+(parts are renamed into place complete). Each part carries its own metric
+sums in its Parquet metadata, so a resumed job reports the same metrics as
+an uninterrupted one.
+
+Queries (preprocess/histories.py): with `eval_split=valid` each user's query
+is the training history (the notebooks' export), with `test` the training
+history plus the validation click, with `none` every click (serving). The
+seen items removed are the whole query history, not only its last
+max_seq_len clicks. Metrics are computed on the exported lists, for users
+with a target in the split: HitRate/NDCG/Recall@K for K <= topk, and for ANN
+indexes the overlap of the top-K with an exact search for a sample of users
+(ANN recall), plus search queries per second.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from absl import logging
+
+from preprocess import histories
+from preprocess import manifest as mf
+from preprocess.errors import DataError
+from preprocess.fileio import write_json_atomic
+from preprocess.vocab import Vocabulary
+from retrieval import index as index_lib
+from retrieval import metrics
+from retrieval import search as search_lib
+from retrieval import user_tower as tower_lib
+
+JOB_FILE = "job.json"
+INDEX_DIR = "index"
+CANDIDATES_DIR = "candidates"
+SUCCESS_FILE = "_SUCCESS"
+METRICS_FILE = "metrics.json"
+STATS_KEY = b"retrieval_stats"
+EVAL_NONE = "none"
+CANDIDATE_SCHEMA = pa.schema([("user_id", pa.int64()), ("article_id", pa.int64()),
+                              ("recall_score", pa.float32()), ("recall_rank", pa.int32())])
+
+
+class ConfigError(ValueError):
+  """Inconsistent flags; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+  data_dir: str
+  model_dir: str
+  output_dir: str
+  index: str = "flat"
+  nlist: int = 0
+  nprobe: int = 0
+  pq_m: int = 8
+  hnsw_m: int = 32
+  ef_search: int = 0
+  topk: int = 100
+  batch_size: int = 8192
+  exclude_seen: bool = True
+  eval_split: str = mf.VALID
+  eval_topk: tuple[int, ...] = (10, 20, 50)
+  ann_recall_users: int = 2000
+  num_workers: int = 1
+  worker_index: int = 0
+  threads: int = 0
+  overwrite: bool = False
+
+  # Fields every worker and every re-run must agree on (they decide the output).
+  SHARED = ("index", "nlist", "nprobe", "pq_m", "hnsw_m", "ef_search", "topk", "batch_size",
+            "exclude_seen", "eval_split", "eval_topk", "ann_recall_users", "num_workers")
+
+  def validate(self) -> None:
+    if self.index not in index_lib.INDEX_TYPES:
+      raise ConfigError(f"--index={self.index}: expected one of {', '.join(index_lib.INDEX_TYPES)}")
+    for name in ("topk", "batch_size", "num_workers"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 1")
+    for name in ("nlist", "nprobe", "ef_search", "threads", "ann_recall_users"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")
+    if not 0 <= self.worker_index < self.num_workers:
+      raise ConfigError(f"--worker_index={self.worker_index} is out of range for "
+                        f"--num_workers={self.num_workers}")
+    if self.nprobe and self.nlist and self.nprobe > self.nlist:
+      raise ConfigError(f"--nprobe={self.nprobe} is larger than --nlist={self.nlist}")
+    if not self.eval_topk or min(self.eval_topk) < 1 or max(self.eval_topk) > self.topk:
+      raise ConfigError(f"--eval_topk={','.join(map(str, self.eval_topk))}: each K must be in "
+                        f"1..--topk ({self.topk})")
+
+  def shared(self) -> dict:
+    d = dataclasses.asdict(self)
+    return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in self.SHARED}
+
+
+@dataclasses.dataclass
+class Plan:
+  """Everything checked before work starts."""
+  manifest: mf.Manifest
+  info: object  # trainer.export_info.ExportInfo
+  query_split: str
+  num_users: int
+  begin: int
+  end: int
+  spec: index_lib.IndexSpec
+
+
+def plan(config: RetrievalConfig) -> Plan:
+  """Validates flags against the data and the model; raises DataError / ConfigError."""
+  config.validate()
+  manifest = mf.load(config.data_dir)
+  if config.eval_split != EVAL_NONE and config.eval_split not in manifest.eval_splits:
+    raise ConfigError(f"--eval_split={config.eval_split}: the data ({manifest.holdout} holdout) "
+                      f"has {', '.join(manifest.eval_splits)} (or 'none' for serving queries)")
+  info = tower_lib.check_export_matches_data(Path(config.model_dir), manifest)
+  num_items = info.num_items - 1
+  if config.topk > num_items:
+    raise ConfigError(f"--topk={config.topk} is larger than the item count ({num_items})")
+  if config.index in ("ivf", "ivf_pq") and config.nlist > num_items:
+    raise ConfigError(f"--nlist={config.nlist} is larger than the item count ({num_items})")
+  spec = index_lib.IndexSpec(kind=config.index, nlist=config.nlist, pq_m=config.pq_m,
+                             hnsw_m=config.hnsw_m)
+  try:
+    spec = spec.resolved(num_items, info.emb_dim)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if config.nprobe and spec.kind in ("ivf", "ivf_pq") and config.nprobe > spec.nlist:
+    raise ConfigError(f"--nprobe={config.nprobe} is larger than nlist ({spec.nlist})")
+  n = histories.num_users(manifest)
+  w, workers = config.worker_index, config.num_workers
+  query_split = histories.ALL if config.eval_split == EVAL_NONE else config.eval_split
+  return Plan(manifest, info, query_split, n, n * w // workers, n * (w + 1) // workers, spec)
+
+
+def part_name(worker: int, num_workers: int, batch: int) -> str:
+  return f"part-{worker:05d}-of-{num_workers:05d}-{batch:06d}.parquet"
+
+
+def success_name(worker: int, num_workers: int) -> str:
+  return f"{SUCCESS_FILE}-{worker:05d}-of-{num_workers:05d}.json"
+
+
+def run(config: RetrievalConfig) -> dict:
+  """Runs this worker's share; returns the job metrics once every worker is done, else {}."""
+  p = plan(config)
+  out = Path(config.output_dir)
+  stamp = {**config.shared(), "model_dir": str(Path(config.model_dir).absolute()),
+           "global_step": p.info.global_step, "data_fingerprint": p.info.data_fingerprint,
+           "spec": dataclasses.asdict(p.spec)}
+  _claim_output(out, stamp, config.overwrite)
+  if config.threads:
+    faiss.omp_set_num_threads(config.threads)
+
+  index, exact = _index(config, p, out)
+  search_params = index_lib.set_search_params(index, config.nprobe, config.ef_search)
+  items = Vocabulary.from_parquet(p.manifest.path(mf.ITEMS_FILE), "item_id")
+  users = Vocabulary.from_parquet(p.manifest.path(mf.USERS_FILE), "user_id")
+  item_ids = search_lib.ItemIds(items.raw_ids)
+  tower = tower_lib.UserTower(Path(config.model_dir), p.info)
+  # Every `stride`-th user (global position) is also searched exactly.
+  stride = max(1, p.num_users // config.ann_recall_users) if exact is not None and \
+      config.ann_recall_users else 0
+
+  (out / CANDIDATES_DIR).mkdir(exist_ok=True)
+  # Temporaries of parts a killed run of this worker was writing.
+  for stale in (out / CANDIDATES_DIR).glob(
+      f".{part_name(config.worker_index, config.num_workers, 0)[:-15]}*.tmp-*"):
+    stale.unlink(missing_ok=True)
+  totals: list[dict] = []
+  started, done_users, skipped = time.perf_counter(), 0, 0
+  batches = histories.iter_query_batches(p.manifest, p.query_split, p.begin, p.end,
+                                         config.batch_size)
+  num_batches = -(-(p.end - p.begin) // config.batch_size)
+  logging.info("worker %d/%d: users %d..%d in %d batches of %d, index %s %s", config.worker_index,
+               config.num_workers, p.begin, p.end, num_batches, config.batch_size, p.spec.kind,
+               search_params)
+  for b, queries in enumerate(batches):
+    path = out / CANDIDATES_DIR / part_name(config.worker_index, config.num_workers, b)
+    if path.exists():
+      totals.append(_read_stats(path))
+      skipped += 1
+      continue
+    first = p.begin + b * config.batch_size
+    stats = _candidates_for_batch(queries, first, config, p, index, exact, stride, item_ids,
+                                  users, tower, path)
+    totals.append(stats)
+    done_users += len(queries)
+    elapsed = time.perf_counter() - started
+    logging.info("batch %d/%d: %d users, %.0f users/s end to end, %.0f queries/s search%s",
+                 b + 1, num_batches, len(queries), done_users / elapsed,
+                 stats["users"] / max(stats["search_seconds"], 1e-9),
+                 f" ({stats['researched_rows']} rows re-searched)" if stats["researched_rows"]
+                 else "")
+  if skipped:
+    logging.info("%d of %d parts were already written (resumed)", skipped, num_batches)
+  summary = metrics.merge_sums(totals)
+  write_json_atomic(out / success_name(config.worker_index, config.num_workers),
+                    {"worker": config.worker_index, "num_workers": config.num_workers,
+                     "parts": num_batches, **summary})
+  return _finish_if_complete(out, config, p, search_params)
+
+
+def _candidates_for_batch(queries, first, config, p, index, exact, stride, item_ids, users,
+                          tower, path) -> dict:
+  t0 = time.perf_counter()
+  history = queries.last_items(p.manifest.max_seq_len)[0]
+  vectors = np.ascontiguousarray(tower(history, queries.user), dtype=np.float32)
+  faiss.normalize_L2(vectors)
+  t1 = time.perf_counter()
+  result = search_lib.search_unseen(index, item_ids, vectors, queries.values, queries.offsets,
+                                     config.topk, config.exclude_seen)
+  search_seconds = time.perf_counter() - t1
+  stats = {"users": len(queries), "rows": int(result.counts.sum()),
+           "search_seconds": search_seconds, "tower_seconds": t1 - t0,
+           "researched_rows": result.researched_rows,
+           "short_rows": int((result.counts < config.topk).sum())}
+  if p.query_split != histories.ALL:
+    has_target = np.flatnonzero(queries.target > 0)
+    ranks = metrics.ranks_in_lists(result.items[has_target], queries.target[has_target])
+    stats.update(metrics.rank_sums(ranks, config.eval_topk))
+  if stride:
+    rows = np.flatnonzero((first + np.arange(len(queries))) % stride == 0)
+    if len(rows):
+      values, offsets = _csr_rows(queries.values, queries.offsets, rows)
+      reference = search_lib.search_unseen(exact, item_ids, vectors[rows], values, offsets,
+                                           config.topk, config.exclude_seen)
+      stats["ann_users"] = len(rows)
+      stats["ann_overlap_sum"] = float(_overlap(result.items[rows], reference.items,
+                                                reference.counts).sum())
+  stats["seconds"] = time.perf_counter() - t0
+  _write_part(path, queries, result, users, item_ids, stats)
+  return stats
+
+
+def _csr_rows(values, offsets, rows):
+  from preprocess.sequences import csr_take_rows
+  return csr_take_rows(values, offsets, rows)
+
+
+def _overlap(found: np.ndarray, reference: np.ndarray, reference_counts: np.ndarray) -> np.ndarray:
+  """|found_i ∩ reference_i| / |reference_i| per row (0 entries are padding)."""
+  n, k = found.shape
+  keys = lambda a: (np.arange(len(a))[:, None].astype(np.int64) << 32) | a  # noqa: E731
+  ref = keys(reference)[reference > 0]
+  ref.sort()
+  hit = search_lib._isin_sorted(keys(found), ref) & (found > 0)
+  return hit.sum(axis=1) / np.maximum(reference_counts, 1)
+
+
+def _write_part(path: Path, queries, result, users, item_ids, stats) -> None:
+  topk = result.items.shape[1]
+  mask = np.arange(topk)[None, :] < result.counts[:, None]
+  row = np.repeat(np.arange(len(queries)), result.counts)
+  table = pa.table({
+      "user_id": pa.array(users.to_raw(queries.user)[row], pa.int64()),
+      "article_id": pa.array(item_ids.to_raw(result.items[mask]), pa.int64()),
+      "recall_score": pa.array(result.scores[mask], pa.float32()),
+      "recall_rank": pa.array(np.nonzero(mask)[1].astype(np.int32) + 1, pa.int32()),
+  }, schema=CANDIDATE_SCHEMA.with_metadata({STATS_KEY: json.dumps(stats).encode()}))
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+  os.close(fd)
+  try:
+    pq.write_table(table, tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def _read_stats(path: Path) -> dict:
+  try:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[STATS_KEY])
+  except (OSError, KeyError, ValueError) as e:
+    raise DataError(f"{path}: not a candidate part of this job ({e}); delete it to redo it") from e
+
+
+def _claim_output(out: Path, stamp: dict, overwrite: bool) -> None:
+  """Writes job.json, or checks an existing one is this job (re-run / other worker)."""
+  job = out / JOB_FILE
+  if job.exists():
+    previous = json.loads(job.read_text())
+    if previous == stamp:
+      return
+    if not overwrite:
+      changed = sorted(k for k in set(stamp) | set(previous) if stamp.get(k) != previous.get(k))
+      raise ConfigError(f"{out}: holds output of a different retrieval job (differs in "
+                        f"{', '.join(changed)}); pass --overwrite to replace it")
+    for name in (INDEX_DIR, CANDIDATES_DIR):
+      shutil.rmtree(out / name, ignore_errors=True)
+    for marker in out.glob(f"{SUCCESS_FILE}*"):
+      marker.unlink()
+    (out / METRICS_FILE).unlink(missing_ok=True)
+  elif out.exists() and any(out.iterdir()):
+    if not overwrite:
+      raise ConfigError(f"{out}: exists, is not empty and is not a retrieval output; pass "
+                        "--overwrite or choose another --output_dir")
+  out.mkdir(parents=True, exist_ok=True)
+  write_json_atomic(job, stamp)
+
+
+def _index(config: RetrievalConfig, p: Plan, out: Path):
+  """The job's index (loaded when a previous run or another worker saved it) and,
+  for ANN kinds, an exact Flat index for the recall measurement."""
+  vectors = tower_lib.load_item_embeddings(Path(config.model_dir), p.info)[1:]
+  items = Vocabulary.from_parquet(p.manifest.path(mf.ITEMS_FILE), "item_id")
+  info = {"spec": dataclasses.asdict(p.spec), "model_dir": str(Path(config.model_dir).absolute()),
+          "global_step": p.info.global_step, "data_fingerprint": p.info.data_fingerprint,
+          "num_items": len(vectors), "dim": int(vectors.shape[1]), "labels": "raw item_id",
+          "metric": "inner product of L2-normalised vectors"}
+  directory = out / INDEX_DIR
+  if (directory / index_lib.INDEX_INFO_FILE).exists():
+    index, saved = index_lib.load(directory)
+    if saved != info:
+      raise DataError(f"{directory}: holds an index built differently; pass --overwrite")
+    logging.info("loaded the index from %s", directory)
+  else:
+    started = time.perf_counter()
+    index, _ = index_lib.build(vectors, items.raw_ids, p.spec)
+    index_lib.save(index, directory, info)
+    logging.info("built %s index over %d items in %.1fs", p.spec.kind, len(vectors),
+                 time.perf_counter() - started)
+  exact = None
+  if p.spec.kind != "flat":
+    exact, _ = index_lib.build(vectors, items.raw_ids, index_lib.IndexSpec("flat"))
+  return index, exact
+
+
+def _finish_if_complete(out: Path, config: RetrievalConfig, p: Plan, search_params: dict) -> dict:
+  markers = [out / success_name(w, config.num_workers) for w in range(config.num_workers)]
+  if not all(m.exists() for m in markers):
+    logging.info("worker %d done; waiting for the other workers' markers", config.worker_index)
+    return {}
+  sums = metrics.merge_sums(json.loads(m.read_text()) for m in markers)
+  result = {
+      "split": config.eval_split, "index": p.spec.kind, **search_params,
+      "topk": config.topk, "exclude_seen": config.exclude_seen,
+      "users": int(sums["users"]), "candidates": int(sums["rows"]),
+      "users_short_of_topk": int(sums["short_rows"]),
+      "queries_per_s": sums["users"] / max(sums["search_seconds"], 1e-9),
+      "users_per_s": sums["users"] / max(sums["seconds"], 1e-9),
+  }
+  if config.eval_split != EVAL_NONE:
+    result.update(metrics.summarize_sums(sums, config.eval_topk))
+  if sums.get("ann_users"):
+    result[f"ann_recall@{config.topk}"] = sums["ann_overlap_sum"] / sums["ann_users"]
+    result["ann_recall_users"] = int(sums["ann_users"])
+  write_json_atomic(out / METRICS_FILE, result)
+  write_json_atomic(out / SUCCESS_FILE, {"users": result["users"],
+                                         "candidates": result["candidates"],
+                                         "num_workers": config.num_workers})
+  return result

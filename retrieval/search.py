@@ -1,0 +1,136 @@
+"""Top-K search with each user's seen items removed, vectorised.
+
+The notebooks searched `topk + max_seq_len + 10` deep and dropped seen items
+in a Python loop: a user with a longer history than that got fewer than
+`topk` candidates. Here a user whose first search (at most 2 topk deep)
+leaves fewer than `topk` unseen items is searched again `topk + len(seen)`
+deep, which for an exact index always leaves `topk` (when the catalogue has
+them); users are grouped by depth rounded up to a power of two so a batch
+costs a few FAISS calls. Seen items are removed with one sorted-key
+membership test over the whole batch; the survivors of each row keep their
+order (a stable argsort). ANN indexes can return fewer than `depth` results
+(a probed IVF list runs dry); rows left short are searched again with IVF
+scanning every list, and whatever is still missing is counted.
+"""
+
+import dataclasses
+
+import faiss
+import numpy as np
+
+from retrieval import index as index_lib
+
+
+@dataclasses.dataclass
+class SearchResult:
+  items: np.ndarray  # (n, topk) int64 item indices, 0 where a row has fewer results
+  scores: np.ndarray  # (n, topk) float32 inner products, -inf where missing
+  counts: np.ndarray  # (n,) int64 results per row
+  researched_rows: int = 0  # rows searched again exhaustively
+
+
+class ItemIds:
+  """Raw item id <-> item index for the labels an index returns."""
+
+  def __init__(self, raw_ids: np.ndarray):
+    # raw_ids[i - 1] is the raw id of item index i (preprocess vocabulary).
+    self.raw_ids = np.asarray(raw_ids, np.int64)
+    self._order = np.argsort(self.raw_ids, kind="stable")
+    self._sorted = self.raw_ids[self._order]
+
+  def to_index(self, labels: np.ndarray) -> np.ndarray:
+    """Raw ids -> item indices; -1 (FAISS: no result) -> 0."""
+    pos = np.clip(np.searchsorted(self._sorted, labels), 0, len(self._sorted) - 1)
+    found = (self._sorted[pos] == labels) & (labels >= 0)
+    return np.where(found, self._order[pos] + 1, 0)
+
+  def to_raw(self, items: np.ndarray) -> np.ndarray:
+    return self.raw_ids[np.maximum(items, 1) - 1]
+
+
+def search_unseen(index: faiss.Index, item_ids: ItemIds, queries: np.ndarray,
+                  seen_values: np.ndarray, seen_offsets: np.ndarray, topk: int,
+                  exclude_seen: bool = True) -> SearchResult:
+  """Top-`topk` items per query row, excluding row i's seen items (CSR) if asked."""
+  n = len(queries)
+  queries = np.ascontiguousarray(queries, dtype=np.float32)
+  seen_counts = np.diff(seen_offsets) if exclude_seen else np.zeros(n, np.int64)
+  # Depth that always suffices for an exact index: topk + seen count, rounded
+  # up to a power of two so rows share a few FAISS calls. Most seen items
+  # are not among a user's best topk + topk, and a deep heap is the costly
+  # part of a search, so the first pass stops at 2 topk; rows it leaves
+  # short get the full depth.
+  def pow2(x):
+    return np.where(x > 0, 2 ** np.ceil(np.log2(np.maximum(x, 1))), 0).astype(np.int64)
+
+  full_depth = np.minimum(topk + pow2(seen_counts), index.ntotal)
+  first_depth = np.minimum(full_depth, topk + pow2(np.minimum(seen_counts, topk)))
+  items = np.zeros((n, topk), np.int64)
+  scores = np.full((n, topk), -np.inf, np.float32)
+  counts = np.zeros(n, np.int64)
+  seen_keys = _row_keys(np.repeat(np.arange(n), np.diff(seen_offsets)), seen_values) \
+      if exclude_seen else np.zeros(0, np.int64)
+  seen_keys = np.unique(seen_keys)
+
+  def run(rows: np.ndarray, k: int) -> None:
+    distances, labels = index.search(queries[rows], int(k))
+    found = item_ids.to_index(labels)
+    drop = found == 0
+    if exclude_seen:
+      keys = _row_keys(np.repeat(rows, found.shape[1]), found.reshape(-1))
+      drop |= _isin_sorted(keys, seen_keys).reshape(found.shape)
+    keep = np.argsort(drop, axis=1, kind="stable")[:, :topk]
+    width = keep.shape[1]
+    items[rows, :width] = np.take_along_axis(np.where(drop, 0, found), keep, axis=1)
+    scores[rows, :width] = np.take_along_axis(
+        np.where(drop, -np.inf, distances).astype(np.float32), keep, axis=1)
+    counts[rows] = np.minimum((~drop).sum(axis=1), topk)
+
+  def run_grouped(rows: np.ndarray, depth: np.ndarray) -> None:
+    for k in np.unique(depth[rows]):
+      run(rows[depth[rows] == k], k)
+
+  run_grouped(np.arange(n), first_depth)
+  deeper = np.flatnonzero((counts < topk) & (first_depth < full_depth))
+  run_grouped(deeper, full_depth)
+  # A row is short if fewer than topk survived although the catalogue has
+  # more unseen items than it got (exact search never leaves such rows).
+  available = index.ntotal - (_unique_counts(seen_values, seen_offsets) if exclude_seen else 0)
+  short = np.flatnonzero(counts < np.minimum(topk, available))
+  if len(short):
+    saved = _search_params(index)
+    index_lib.exhaustive(index)
+    run_grouped(short, full_depth)
+    _restore_params(index, saved)
+  return SearchResult(items, scores, counts, researched_rows=len(short))
+
+
+def _row_keys(rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+  # One int64 per (row, item): rows < 2^31, item indices < 2^32.
+  return (rows.astype(np.int64) << 32) | items.astype(np.int64)
+
+
+def _isin_sorted(keys: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+  if not len(sorted_unique):
+    return np.zeros(keys.shape, bool)
+  pos = np.minimum(np.searchsorted(sorted_unique, keys), len(sorted_unique) - 1)
+  return sorted_unique[pos] == keys
+
+
+def _unique_counts(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+  """Distinct items per CSR row."""
+  rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+  distinct = np.unique(_row_keys(rows, values)) >> 32
+  return np.bincount(distinct, minlength=len(offsets) - 1)
+
+
+def _search_params(index: faiss.Index) -> int | None:
+  try:
+    return faiss.extract_index_ivf(index).nprobe
+  except RuntimeError:
+    return None
+
+
+def _restore_params(index: faiss.Index, nprobe: int | None) -> None:
+  if nprobe is not None:
+    faiss.extract_index_ivf(index).nprobe = nprobe

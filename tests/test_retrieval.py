@@ -1,0 +1,263 @@
+"""The retrieval job: index, seen-excluding search, candidate parts, workers, resume."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from retrieval import index as index_lib
+from retrieval import job
+from retrieval import metrics
+from retrieval import search as search_lib
+from tests.conftest import small_trainer_config
+
+
+def brute_force(queries, vectors, seen_lists, topk):
+  """Reference: score every item (index i = row i - 1 of vectors), drop seen, sort."""
+  normed = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+  scores = queries @ normed.T
+  out = []
+  for row, seen in zip(scores, seen_lists):
+    order = [i + 1 for i in np.argsort(-row, kind="stable") if i + 1 not in set(seen)]
+    out.append(order[:topk])
+  return out
+
+
+def random_case(num_items=300, dim=8, num_users=40, seed=0):
+  rng = np.random.default_rng(seed)
+  vectors = rng.normal(size=(num_items, dim)).astype(np.float32)
+  queries = rng.normal(size=(num_users, dim)).astype(np.float32)
+  queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+  lengths = rng.integers(0, 30, num_users)
+  lengths[3] = 250  # longer than topk + max_seq_len + 10 of the notebooks (10 + 50 + 10)
+  lengths[5] = 0
+  seen = [rng.choice(np.arange(1, num_items + 1), n, replace=False) for n in lengths]
+  offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+  values = np.concatenate(seen).astype(np.int64)
+  raw_ids = 1000 + 7 * np.arange(num_items)  # raw id of item index i: raw_ids[i - 1]
+  return vectors, queries, seen, values, offsets, raw_ids
+
+
+def test_flat_search_excluding_seen_equals_brute_force():
+  vectors, queries, seen, values, offsets, raw_ids = random_case()
+  index, _ = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("flat"))
+  result = search_lib.search_unseen(index, search_lib.ItemIds(raw_ids), queries, values,
+                                    offsets, topk=10)
+  expected = brute_force(queries, vectors, seen, 10)
+  assert result.items.tolist() == expected
+  assert (result.counts == 10).all()  # the 250-click user still gets 10
+  assert not np.isin(result.items[3], seen[3]).any()
+
+
+def test_user_who_has_seen_almost_everything_gets_what_is_left():
+  vectors, queries, seen, values, offsets, raw_ids = random_case(num_items=300, num_users=6)
+  seen = [np.arange(1, 26), np.arange(1, 3)]  # user 0 has 5 unseen items left
+  values = np.concatenate(seen).astype(np.int64)
+  offsets = np.array([0, 25, 27], np.int64)
+  vectors, raw_ids = vectors[:30], raw_ids[:30]
+  index, _ = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("flat"))
+  result = search_lib.search_unseen(index, search_lib.ItemIds(raw_ids), queries[:2], values,
+                                    offsets, topk=10)
+  assert result.counts.tolist() == [5, 10]
+  assert sorted(result.items[0, :5]) == [26, 27, 28, 29, 30]
+  assert (result.items[0, 5:] == 0).all() and np.isneginf(result.scores[0, 5:]).all()
+
+
+def test_ivf_with_every_list_probed_equals_flat():
+  vectors, queries, seen, values, offsets, raw_ids = random_case(num_items=2000, dim=16)
+  ids = search_lib.ItemIds(raw_ids)
+  flat, _ = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("flat"))
+  ivf, spec = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("ivf", nlist=20))
+  assert spec.nlist == 20
+  index_lib.set_search_params(ivf, nprobe=20)
+  a = search_lib.search_unseen(flat, ids, queries, values, offsets, topk=25)
+  b = search_lib.search_unseen(ivf, ids, queries, values, offsets, topk=25)
+  np.testing.assert_array_equal(a.items, b.items)
+  np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+
+
+def test_ivf_rows_left_short_are_searched_again():
+  vectors, queries, seen, values, offsets, raw_ids = random_case(num_items=2000, dim=16)
+  ivf, _ = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("ivf", nlist=50))
+  index_lib.set_search_params(ivf, nprobe=1)  # ~40 items per list: 250 seen cannot fit
+  result = search_lib.search_unseen(ivf, search_lib.ItemIds(raw_ids), queries, values, offsets,
+                                    topk=30)
+  assert result.researched_rows >= 1
+  assert (result.counts == 30).all()
+  assert search_lib._search_params(ivf) == 1  # nprobe restored
+
+
+def test_ivf_list_count_is_capped_at_39_items_per_list():
+  spec = index_lib.IndexSpec("ivf", nlist=100).resolved(num_vectors=390, dim=8)
+  assert spec.nlist == 10
+  assert index_lib.auto_nlist(364_047) == int(4 * np.sqrt(364_047))
+  with pytest.raises(ValueError, match="--nlist=500 is larger than the item count"):
+    index_lib.IndexSpec("ivf", nlist=500).resolved(num_vectors=390, dim=8)
+  with pytest.raises(ValueError, match="--pq_m=3 must divide"):
+    index_lib.IndexSpec("ivf_pq", pq_m=3).resolved(num_vectors=5000, dim=8)
+
+
+def test_saved_index_loads_with_faiss_and_returns_raw_ids(tmp_path):
+  import faiss
+  vectors, queries, _, _, _, raw_ids = random_case(num_items=500, dim=8)
+  index, _ = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("ivf", nlist=10))
+  index_lib.save(index, tmp_path, {"kind": "ivf"})
+  loaded = faiss.read_index(str(tmp_path / index_lib.INDEX_FILE))
+  assert faiss.extract_index_ivf(loaded).nprobe == 1  # FAISS default: set after load
+  assert index_lib.set_search_params(loaded, nprobe=10) == {"nprobe": 10, "nlist": 10}
+  _, labels = loaded.search(queries[:2], 5)
+  assert np.isin(labels, raw_ids).all()
+
+
+def test_rank_sums_merge_to_the_same_metrics_as_summarize():
+  # ranks 0, 3, 12, absent(=K): HR@10 = 2/4; NDCG@10 = (1/log2(2) + 1/log2(5)) / 4
+  ranks = np.array([0, 3, 12, 100])
+  parts = [metrics.rank_sums(ranks[:1], (10,)), metrics.rank_sums(ranks[1:], (10,))]
+  merged = metrics.summarize_sums(metrics.merge_sums(parts), (10,))
+  assert merged["hit_rate@10"] == 0.5
+  assert merged["ndcg@10"] == pytest.approx((1.0 + 1 / np.log2(5)) / 4)
+  assert merged == pytest.approx(metrics.summarize(ranks, (10,)))
+
+
+def test_overlap_counts_shared_items_over_the_reference():
+  found = np.array([[1, 2, 3, 4], [5, 6, 0, 0]])
+  reference = np.array([[4, 3, 9, 8], [5, 7, 8, 9]])
+  # row 0 shares {3, 4} of 4; row 1 shares {5} of 4 (padding 0 never counts)
+  np.testing.assert_allclose(job._overlap(found, reference, np.array([4, 4])), [0.5, 0.25])
+
+
+# ---- the job on a trained export -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_data, tmp_path_factory):
+  """A sasrec trained a few steps on the tiny data, exported, evaluated on test."""
+  from trainer import train_lib
+  model_dir = tmp_path_factory.mktemp("tiny_model") / "m"
+  config = small_trainer_config(tiny_data.data_dir, model_dir, train_steps=20,
+                                eval_split="test", eval_topk=(5, 10))
+  train_lib.train(config, tiny_data)
+  return model_dir
+
+
+def job_config(data, model_dir, out, **overrides):
+  base = job.RetrievalConfig(data_dir=str(data.data_dir), model_dir=str(model_dir),
+                             output_dir=str(out), topk=20, batch_size=64, eval_split="test",
+                             eval_topk=(5, 10))
+  return dataclasses.replace(base, **overrides)
+
+
+def read_candidates(out):
+  return pd.read_parquet(out / job.CANDIDATES_DIR).sort_values(
+      ["user_id", "recall_rank"]).reset_index(drop=True)
+
+
+def test_flat_job_metrics_equal_the_trainers_full_ranking(tiny_data, tiny_export, tmp_path):
+  result = job.run(job_config(tiny_data, tiny_export, tmp_path / "out"))
+  trained = json.loads((tiny_export / "metrics.json").read_text())
+  assert result["num_users"] == trained["num_users"]
+  for key in ("hit_rate@5", "ndcg@5", "hit_rate@10", "ndcg@10"):
+    assert result[key] == pytest.approx(trained[key], abs=1e-9), key
+  cands = read_candidates(tmp_path / "out")
+  users = pq.read_table(tiny_data.path("vocab/users.parquet")).num_rows - 1
+  assert cands.user_id.nunique() == users == result["users"]
+  assert (cands.groupby("user_id").size() == 20).all()
+  assert cands.groupby("user_id").recall_rank.apply(lambda r: r.tolist() == list(range(1, 21))).all()
+  assert cands.recall_score.dtype == np.float32
+  assert not cands.duplicated(["user_id", "article_id"]).any()
+  assert (tmp_path / "out" / job.SUCCESS_FILE).exists()
+
+
+def test_two_workers_together_equal_one(tiny_data, tiny_export, tmp_path):
+  job.run(job_config(tiny_data, tiny_export, tmp_path / "one"))
+  first = job.run(job_config(tiny_data, tiny_export, tmp_path / "two", num_workers=2))
+  assert first == {}  # worker 0 alone: no metrics yet
+  second = job.run(job_config(tiny_data, tiny_export, tmp_path / "two", num_workers=2,
+                              worker_index=1))
+  pd.testing.assert_frame_equal(read_candidates(tmp_path / "one"), read_candidates(tmp_path / "two"))
+  one = json.loads((tmp_path / "one" / job.METRICS_FILE).read_text())
+  for key in ("hit_rate@10", "ndcg@10", "users", "candidates"):
+    assert second[key] == pytest.approx(one[key])
+
+
+def test_rerun_after_a_crash_finishes_the_missing_parts_only(tiny_data, tiny_export, tmp_path):
+  out = tmp_path / "out"
+  config = job_config(tiny_data, tiny_export, out)
+  complete = job.run(config)
+  expected = read_candidates(out)
+  parts = sorted((out / job.CANDIDATES_DIR).glob("part-*.parquet"))
+  assert len(parts) >= 3
+  # A crash after the first part: later parts never renamed into place, a
+  # half-written temporary left behind, no markers.
+  kept_mtime = parts[0].stat().st_mtime_ns
+  for part in parts[1:]:
+    part.unlink()
+  (out / job.CANDIDATES_DIR / f".{parts[1].name}.tmp-crash").write_bytes(b"PAR1 half")
+  for marker in out.glob("_SUCCESS*"):
+    marker.unlink()
+  (out / job.METRICS_FILE).unlink()
+  resumed = job.run(config)
+  assert parts[0].stat().st_mtime_ns == kept_mtime  # not redone
+  pd.testing.assert_frame_equal(read_candidates(out), expected)
+  assert not list((out / job.CANDIDATES_DIR).glob(".*tmp*"))
+  for key in ("hit_rate@10", "ndcg@10", "users", "candidates"):
+    assert resumed[key] == pytest.approx(complete[key])
+
+
+def test_ivf_job_reports_ann_recall(tiny_data, tiny_export, tmp_path):
+  result = job.run(job_config(tiny_data, tiny_export, tmp_path / "ivf", index="ivf",
+                              ann_recall_users=50))
+  assert result["index"] == "ivf" and result["nprobe"] >= 1
+  assert 0.0 < result["ann_recall@20"] <= 1.0 and result["ann_recall_users"] >= 50
+  full = job.run(job_config(tiny_data, tiny_export, tmp_path / "ivf_all", index="ivf",
+                            nprobe=result["nlist"], ann_recall_users=50))
+  assert full["ann_recall@20"] == pytest.approx(1.0)
+
+
+def test_another_jobs_output_is_refused_without_overwrite(tiny_data, tiny_export, tmp_path):
+  job.run(job_config(tiny_data, tiny_export, tmp_path / "out"))
+  with pytest.raises(job.ConfigError, match="differs in topk"):
+    job.run(job_config(tiny_data, tiny_export, tmp_path / "out", topk=10))
+  result = job.run(job_config(tiny_data, tiny_export, tmp_path / "out", topk=10, overwrite=True))
+  assert result["candidates"] == result["users"] * 10
+
+
+def retrieval_cli(*args):
+  return subprocess.run([sys.executable, "-m", "retrieval.main", *args], capture_output=True,
+                        text=True, timeout=300)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--topk=100000"], "--topk=100000 is larger than the item count"),
+    (["--index=ivf", "--nlist=100000"], "--nlist=100000 is larger than the item count"),
+    (["--num_workers=2", "--worker_index=2"], "--worker_index=2 is out of range"),
+    (["--eval_topk=10,50", "--topk=20"], "--eval_topk=10,50: each K must be in 1..--topk"),
+])
+def test_bad_flags_fail_before_work_with_one_line(tiny_data, tiny_export, tmp_path, extra, message):
+  out = tmp_path / "out"
+  result = retrieval_cli(f"--data_dir={tiny_data.data_dir}", f"--model_dir={tiny_export}",
+                         f"--output_dir={out}", *extra)
+  assert result.returncode == 2, result.stderr
+  assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+  assert not out.exists()
+
+
+def test_model_without_export_or_from_other_data_is_refused(tiny_data, tiny_news_dir,
+                                                            tiny_export, tmp_path):
+  from preprocess import pipeline
+  from tests.conftest import make_config
+  # The same log with the other holdout: other training clicks, other vocabulary.
+  other = pipeline.run(make_config(tiny_news_dir, tmp_path / "other", holdout="last",
+                                   max_seq_len=8))
+  result = retrieval_cli(f"--data_dir={tiny_data.data_dir}", f"--model_dir={tmp_path}",
+                         f"--output_dir={tmp_path / 'a'}")
+  assert result.returncode == 1 and "no export/export_manifest.json" in result.stderr
+  result = retrieval_cli(f"--data_dir={other.data_dir}", f"--model_dir={tiny_export}",
+                         f"--output_dir={tmp_path / 'b'}")
+  assert result.returncode == 1 and "another item vocabulary" in result.stderr
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
