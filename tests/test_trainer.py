@@ -125,6 +125,10 @@ def test_saved_model_reload_gives_the_same_user_vectors(tiny_windows, tmp_path, 
                                      tf.constant(users, tf.int32)).numpy()
   np.testing.assert_allclose(served, direct, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, rtol=1e-5)
+  # user_vector's shortcut (last position only) is the last training query.
+  every_position = trainer.model.query_sequence(tf.constant(history, tf.int32),
+                                                tf.constant(users, tf.int32)).numpy()
+  np.testing.assert_allclose(direct, every_position[:, -1], rtol=1e-5, atol=1e-6)
   items = np.load(tmp_path / "m" / "export" / export.ITEM_EMBEDDINGS)
   assert items.shape == (tiny_windows.vocab_sizes["items"], 16) and not items[0].any()
 

@@ -102,16 +102,19 @@ class CausalSelfAttention(keras.layers.Layer):
     self.output_projection = keras.layers.Dense(emb_dim, name="out")
     self.attention_dropout = dropout
 
-  def call(self, x, mask, seed=None, training=False):
+  def call(self, x, mask, seed=None, training=False, last_query_only=False):
+    """mask [B, Lq, L]; with last_query_only, only the last position queries (Lq = 1)."""
     batch, length = tf.shape(x)[0], tf.shape(x)[1]
     qkv = tf.reshape(self.qkv(x), [batch, length, 3, self.num_heads, self.head_dim])
     q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # each [B, H, L, d]
+    if last_query_only:
+      q = q[:, :, -1:, :]
     scores = tf.einsum("bhqd,bhkd->bhqk", q, k) / tf.math.sqrt(float(self.head_dim))
     scores = tf.where(mask[:, None, :, :], scores, tf.constant(-1e9, scores.dtype))
     weights = self.attention_dropout(tf.nn.softmax(scores, axis=-1), seed=seed,
                                             training=training)
     context = tf.einsum("bhqk,bhkd->bqhd", weights, v)
-    return self.output_projection(tf.reshape(context, [batch, length, -1]))
+    return self.output_projection(tf.reshape(context, [batch, tf.shape(q)[2], -1]))
 
 
 class TransformerBlock(keras.layers.Layer):
@@ -128,8 +131,12 @@ class TransformerBlock(keras.layers.Layer):
     self.attention_output_dropout = dropout()
     self.ffn_output_dropout = dropout()
 
-  def call(self, x, attention_mask, seed=None, training=False):
-    h = self.attention(self.attention_norm(x), attention_mask, seed=seed, training=training)
+  def call(self, x, attention_mask, seed=None, training=False, last_query_only=False):
+    """With last_query_only the block returns the last position only ([B, 1, D])."""
+    h = self.attention(self.attention_norm(x), attention_mask, seed=seed, training=training,
+                       last_query_only=last_query_only)
+    if last_query_only:
+      x = x[:, -1:, :]
     x = x + self.attention_output_dropout(h, seed=seed, training=training)
     h = self.ffn_out(self.ffn_dropout(self.ffn_in(self.ffn_norm(x)), seed=seed,
                                       training=training))
@@ -154,14 +161,26 @@ class SASRec(RetrievalModel):
 
   def query_sequence(self, history, user, training=False, seed=None):
     del user  # SASRec is a function of the history only
+    return self._encode(history, training, seed, last_only=False)
+
+  def user_vector(self, history, user):
+    # The last block computes the last position only: serving and evaluation
+    # need no other (same result as query_sequence(...)[:, -1], tested).
+    del user
+    return self._encode(history, False, None, last_only=True)[:, -1, :]
+
+  def _encode(self, history, training, seed, last_only):
     real = tf.not_equal(history, 0)
     x = self.item_embedding(history) + self.position_embedding(tf.range(self.max_seq_len))
     x = self.input_dropout(x * tf.cast(real, x.dtype)[..., None], seed=seed, training=training)
     length = tf.shape(history)[1]
     causal = tf.linalg.band_part(tf.ones([length, length], tf.bool), -1, 0)
     mask = causal[None, :, :] & real[:, None, :]  # query i sees real keys j <= i
-    for block in self.blocks:
-      x = block(x, attention_mask=mask, seed=seed, training=training)
+    for i, block in enumerate(self.blocks):
+      if last_only and i == len(self.blocks) - 1:
+        x = block(x, attention_mask=mask[:, -1:, :], last_query_only=True)
+      else:
+        x = block(x, attention_mask=mask, seed=seed, training=training)
     return _l2(self.query_head(self.final_norm(x)))
 
   def item_vectors(self, items, training=False, seed=None):
@@ -209,6 +228,14 @@ class TwoTower(RetrievalModel):
     user_emb = tf.broadcast_to(user_emb, tf.shape(running_mean))
     x = tf.concat([user_emb, running_mean], axis=-1)
     return _l2(self._apply(self.user_tower, x, seed, training))
+
+  def user_vector(self, history, user):
+    # The mean of the whole history through the MLP once, not at every position.
+    real = tf.cast(tf.not_equal(history, 0), tf.float32)[..., None]
+    emb = tf.cast(self.item_embedding(history), tf.float32) * real
+    mean = tf.reduce_sum(emb, axis=1) / tf.maximum(tf.reduce_sum(real, axis=1), 1.0)
+    x = tf.concat([tf.cast(self.user_embedding(user), tf.float32), mean], axis=-1)
+    return _l2(self._apply(self.user_tower, x, None, False))
 
   def item_vectors(self, items, training=False, seed=None):
     x = tf.concat([self.item_embedding(items),
