@@ -109,7 +109,8 @@ def iter_query_batches(manifest: mf.Manifest, split: str, begin: int, end: int,
   parquet = pq.ParquetFile(path)
   group_rows = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
   group_start = np.concatenate([[0], np.cumsum(group_rows)])
-  groups = [g for g in range(len(group_rows)) if group_start[g] < end and group_start[g + 1] > begin]
+  groups = [g for g in range(len(group_rows))
+            if group_start[g] < end and group_start[g + 1] > begin]
   skip = begin - int(group_start[groups[0]]) if groups else 0
   pending: list[pa.RecordBatch] = []
   pending_rows, remaining = 0, end - begin

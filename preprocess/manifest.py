@@ -173,7 +173,8 @@ class Manifest:
         "item_frequencies": {"file": ITEMS_FILE, "column": ITEM_FREQUENCY_COLUMN},
     }
     d["features"] = {
-        name: {"dtype": "int64", "shape": list(shape)} for name, shape in self.feature_shapes.items()
+        name: {"dtype": "int64", "shape": list(shape)}
+        for name, shape in self.feature_shapes.items()
     }
     return d
 

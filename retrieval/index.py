@@ -106,10 +106,23 @@ def build(vectors: np.ndarray, ids: np.ndarray,
   return index, spec
 
 
-def set_search_params(index: faiss.Index, nprobe: int = 0, ef_search: int = 0) -> dict:
+def auto_nprobe(nlist: int, num_items: int, topk: int) -> int:
+  """Lists to scan so that about max(N / 16, 100 topk) items are scored.
+
+  A top-100 over a few thousand items needs most lists for good recall
+  (ML-1M, 95 lists: nprobe 5 gave ANN recall@100 0.65), so small catalogues
+  end up scanning everything, large ones a sixteenth.
+  """
+  per_list = num_items / max(nlist, 1)
+  wanted = max(num_items / 16, 100 * topk)
+  return int(min(nlist, max(1, math.ceil(wanted / per_list))))
+
+
+def set_search_params(index: faiss.Index, nprobe: int = 0, ef_search: int = 0,
+                      topk: int = 100) -> dict:
   """Sets nprobe (IVF) / efSearch (HNSW) on a loaded index; returns what was set.
 
-  nprobe 0 keeps auto: nlist / 16, at least 1. ef_search 0 keeps 128.
+  nprobe 0: `auto_nprobe` for `topk`. ef_search 0: max(128, 2 topk).
   """
   params = {}
   try:
@@ -119,12 +132,12 @@ def set_search_params(index: faiss.Index, nprobe: int = 0, ef_search: int = 0) -
   if ivf is not None:
     if nprobe > ivf.nlist:
       raise ValueError(f"--nprobe={nprobe} is larger than the index's nlist ({ivf.nlist})")
-    ivf.nprobe = nprobe or max(1, ivf.nlist // 16)
+    ivf.nprobe = nprobe or auto_nprobe(ivf.nlist, index.ntotal, topk)
     params["nprobe"] = int(ivf.nprobe)
     params["nlist"] = int(ivf.nlist)
   inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
   if isinstance(inner, faiss.IndexHNSW):
-    inner.hnsw.efSearch = ef_search or 128
+    inner.hnsw.efSearch = ef_search or max(128, 2 * topk)
     params["ef_search"] = int(inner.hnsw.efSearch)
   return params
 

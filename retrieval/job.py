@@ -44,12 +44,13 @@ from absl import logging
 from preprocess import histories
 from preprocess import manifest as mf
 from preprocess.errors import DataError
-from preprocess.fileio import write_json_atomic
+from preprocess.fileio import sha256_file, write_json_atomic
 from preprocess.vocab import Vocabulary
 from retrieval import index as index_lib
 from retrieval import metrics
 from retrieval import search as search_lib
 from retrieval import user_tower as tower_lib
+from trainer.export_info import EXPORT_DIR
 
 JOB_FILE = "job.json"
 INDEX_DIR = "index"
@@ -166,15 +167,14 @@ def run(config: RetrievalConfig) -> dict:
   """Runs this worker's share; returns the job metrics once every worker is done, else {}."""
   p = plan(config)
   out = Path(config.output_dir)
-  stamp = {**config.shared(), "model_dir": str(Path(config.model_dir).absolute()),
-           "global_step": p.info.global_step, "data_fingerprint": p.info.data_fingerprint,
-           "spec": dataclasses.asdict(p.spec)}
+  stamp = {**config.shared(), **_model_identity(config, p), "spec": dataclasses.asdict(p.spec)}
   _claim_output(out, stamp, config.overwrite)
   if config.threads:
     faiss.omp_set_num_threads(config.threads)
 
   index, exact = _index(config, p, out)
-  search_params = index_lib.set_search_params(index, config.nprobe, config.ef_search)
+  search_params = index_lib.set_search_params(index, config.nprobe, config.ef_search,
+                                              config.topk)
   items = Vocabulary.from_parquet(p.manifest.path(mf.ITEMS_FILE), "item_id")
   users = Vocabulary.from_parquet(p.manifest.path(mf.USERS_FILE), "user_id")
   item_ids = search_lib.ItemIds(items.raw_ids)
@@ -327,8 +327,7 @@ def _index(config: RetrievalConfig, p: Plan, out: Path):
   for ANN kinds, an exact Flat index for the recall measurement."""
   vectors = tower_lib.load_item_embeddings(Path(config.model_dir), p.info)[1:]
   items = Vocabulary.from_parquet(p.manifest.path(mf.ITEMS_FILE), "item_id")
-  info = {"spec": dataclasses.asdict(p.spec), "model_dir": str(Path(config.model_dir).absolute()),
-          "global_step": p.info.global_step, "data_fingerprint": p.info.data_fingerprint,
+  info = {"spec": dataclasses.asdict(p.spec), **_model_identity(config, p),
           "num_items": len(vectors), "dim": int(vectors.shape[1]), "labels": "raw item_id",
           "metric": "inner product of L2-normalised vectors"}
   directory = out / INDEX_DIR
@@ -347,6 +346,14 @@ def _index(config: RetrievalConfig, p: Plan, out: Path):
   if p.spec.kind != "flat":
     exact, _ = index_lib.build(vectors, items.raw_ids, index_lib.IndexSpec("flat"))
   return index, exact
+
+
+def _model_identity(config: RetrievalConfig, p: Plan) -> dict:
+  """Which export this is: a retrained model at the same step has other item vectors."""
+  embeddings = Path(config.model_dir) / EXPORT_DIR / p.info.item_embeddings
+  return {"model_dir": str(Path(config.model_dir).absolute()), "global_step": p.info.global_step,
+          "data_fingerprint": p.info.data_fingerprint,
+          "item_embeddings_sha256": sha256_file(embeddings)}
 
 
 def _finish_if_complete(out: Path, config: RetrievalConfig, p: Plan, search_params: dict) -> dict:

@@ -90,7 +90,10 @@ def search_unseen(index: faiss.Index, item_ids: ItemIds, queries: np.ndarray,
     for k in np.unique(depth[rows]):
       run(rows[depth[rows] == k], k)
 
-  run_grouped(np.arange(n), first_depth)
+  # One FAISS call for the whole first pass: Flat search runs 4.9x more
+  # queries/s at 4,096 queries per call than at 1,024 (364k items, 2 cores).
+  if n:
+    run(np.arange(n), first_depth.max())
   deeper = np.flatnonzero((counts < topk) & (first_depth < full_depth))
   run_grouped(deeper, full_depth)
   # A row is short if fewer than topk survived although the catalogue has

@@ -18,6 +18,9 @@ def check_export_matches_data(model_dir: Path, manifest: mf.Manifest) -> ExportI
     raise DataError(
         f"{model_dir}: the model was trained on another item vocabulary ({info.data_dir}) "
         f"than {manifest.data_dir}; vocab/items.parquet differs")
+  embeddings = Path(model_dir) / EXPORT_DIR / info.item_embeddings
+  if not embeddings.is_file():
+    raise DataError(f"{embeddings}: missing (the export is incomplete)")
   if info.num_items != manifest.vocab_sizes["items"] or info.max_seq_len != manifest.max_seq_len:
     raise DataError(f"{model_dir}: export has {info.num_items} items and max_seq_len "
                     f"{info.max_seq_len}, {manifest.data_dir} has "

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 
@@ -96,6 +97,11 @@ def test_ivf_list_count_is_capped_at_39_items_per_list():
   spec = index_lib.IndexSpec("ivf", nlist=100).resolved(num_vectors=390, dim=8)
   assert spec.nlist == 10
   assert index_lib.auto_nlist(364_047) == int(4 * np.sqrt(364_047))
+  # nprobe: ~max(N / 16, 100 topk) items scanned. ML-1M (3,706 items, 95
+  # lists): 10,000 wanted > N, every list. 364,047 items in 2,413 lists of
+  # ~150.9: N / 16 = 22,753 items = 150.8 lists -> 151.
+  assert index_lib.auto_nprobe(95, 3706, 100) == 95
+  assert index_lib.auto_nprobe(2413, 364_047, 100) == 151
   with pytest.raises(ValueError, match="--nlist=500 is larger than the item count"):
     index_lib.IndexSpec("ivf", nlist=500).resolved(num_vectors=390, dim=8)
   with pytest.raises(ValueError, match="--pq_m=3 must divide"):
@@ -167,7 +173,8 @@ def test_flat_job_metrics_equal_the_trainers_full_ranking(tiny_data, tiny_export
   users = pq.read_table(tiny_data.path("vocab/users.parquet")).num_rows - 1
   assert cands.user_id.nunique() == users == result["users"]
   assert (cands.groupby("user_id").size() == 20).all()
-  assert cands.groupby("user_id").recall_rank.apply(lambda r: r.tolist() == list(range(1, 21))).all()
+  ranks = cands.groupby("user_id").recall_rank.apply(list)
+  assert (ranks.apply(lambda r: r == list(range(1, 21)))).all()
   assert cands.recall_score.dtype == np.float32
   assert not cands.duplicated(["user_id", "article_id"]).any()
   assert (tmp_path / "out" / job.SUCCESS_FILE).exists()
@@ -179,7 +186,8 @@ def test_two_workers_together_equal_one(tiny_data, tiny_export, tmp_path):
   assert first == {}  # worker 0 alone: no metrics yet
   second = job.run(job_config(tiny_data, tiny_export, tmp_path / "two", num_workers=2,
                               worker_index=1))
-  pd.testing.assert_frame_equal(read_candidates(tmp_path / "one"), read_candidates(tmp_path / "two"))
+  pd.testing.assert_frame_equal(read_candidates(tmp_path / "one"),
+                                read_candidates(tmp_path / "two"))
   one = json.loads((tmp_path / "one" / job.METRICS_FILE).read_text())
   for key in ("hit_rate@10", "ndcg@10", "users", "candidates"):
     assert second[key] == pytest.approx(one[key])
@@ -225,6 +233,15 @@ def test_another_jobs_output_is_refused_without_overwrite(tiny_data, tiny_export
     job.run(job_config(tiny_data, tiny_export, tmp_path / "out", topk=10))
   result = job.run(job_config(tiny_data, tiny_export, tmp_path / "out", topk=10, overwrite=True))
   assert result["candidates"] == result["users"] * 10
+  # A retrained model (same directory and step, other weights) must not
+  # reuse the old parts.
+  model = tmp_path / "model"
+  shutil.copytree(tiny_export, model)
+  job.run(job_config(tiny_data, model, tmp_path / "out2"))
+  embeddings = model / "export" / "item_embeddings.npy"
+  np.save(embeddings, np.load(embeddings)[:, ::-1].copy())
+  with pytest.raises(job.ConfigError, match=r"differs in item_embeddings_sha256\)"):
+    job.run(job_config(tiny_data, model, tmp_path / "out2"))
 
 
 def retrieval_cli(*args):

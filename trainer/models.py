@@ -81,8 +81,14 @@ class RetrievalModel(keras.Model):
                    seed: tf.Tensor | None = None) -> tf.Tensor:
     raise NotImplementedError
 
+  def query_last(self, history: tf.Tensor, user: tf.Tensor, training: bool = False,
+                 seed: tf.Tensor | None = None) -> tf.Tensor:
+    """The query at the last position only ([B, D]); equals query_sequence(...)[:, -1]
+    (without dropout). Subclasses skip the work for the other positions."""
+    return self.query_sequence(history, user, training=training, seed=seed)[:, -1, :]
+
   def user_vector(self, history: tf.Tensor, user: tf.Tensor) -> tf.Tensor:
-    return self.query_sequence(history, user, training=False)[:, -1, :]
+    return self.query_last(history, user, training=False)
 
   def call(self, inputs, training=False):
     return self.query_sequence(inputs["history"], inputs["user"], training=training)
@@ -163,11 +169,11 @@ class SASRec(RetrievalModel):
     del user  # SASRec is a function of the history only
     return self._encode(history, training, seed, last_only=False)
 
-  def user_vector(self, history, user):
-    # The last block computes the last position only: serving and evaluation
-    # need no other (same result as query_sequence(...)[:, -1], tested).
+  def query_last(self, history, user, training=False, seed=None):
+    # The last block computes the last position only: positions-mode training,
+    # serving and evaluation need no other.
     del user
-    return self._encode(history, False, None, last_only=True)[:, -1, :]
+    return self._encode(history, training, seed, last_only=True)[:, -1, :]
 
   def _encode(self, history, training, seed, last_only):
     real = tf.not_equal(history, 0)
@@ -178,7 +184,8 @@ class SASRec(RetrievalModel):
     mask = causal[None, :, :] & real[:, None, :]  # query i sees real keys j <= i
     for i, block in enumerate(self.blocks):
       if last_only and i == len(self.blocks) - 1:
-        x = block(x, attention_mask=mask[:, -1:, :], last_query_only=True)
+        x = block(x, attention_mask=mask[:, -1:, :], seed=seed, training=training,
+                  last_query_only=True)
       else:
         x = block(x, attention_mask=mask, seed=seed, training=training)
     return _l2(self.query_head(self.final_norm(x)))
@@ -229,13 +236,13 @@ class TwoTower(RetrievalModel):
     x = tf.concat([user_emb, running_mean], axis=-1)
     return _l2(self._apply(self.user_tower, x, seed, training))
 
-  def user_vector(self, history, user):
+  def query_last(self, history, user, training=False, seed=None):
     # The mean of the whole history through the MLP once, not at every position.
     real = tf.cast(tf.not_equal(history, 0), tf.float32)[..., None]
     emb = tf.cast(self.item_embedding(history), tf.float32) * real
     mean = tf.reduce_sum(emb, axis=1) / tf.maximum(tf.reduce_sum(real, axis=1), 1.0)
     x = tf.concat([tf.cast(self.user_embedding(user), tf.float32), mean], axis=-1)
-    return _l2(self._apply(self.user_tower, x, None, False))
+    return _l2(self._apply(self.user_tower, x, seed, training))
 
   def item_vectors(self, items, training=False, seed=None):
     x = tf.concat([self.item_embedding(items),

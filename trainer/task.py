@@ -52,15 +52,18 @@ class RetrievalTask:
     # (seed, step, replica) keys the dropout masks and the negative pool.
     seed = tf.stack([tf.constant(self.seed, tf.int64),
                      tf.cast(step, tf.int64) * 4096 + tf.cast(replica, tf.int64)])
-    queries = self.model.query_sequence(history, batch[mf.FEATURE_USER], training=training,
-                                        seed=seed)
     if self.all_positions:
+      queries = self.model.query_sequence(history, batch[mf.FEATURE_USER], training=training,
+                                          seed=seed)
       positives = tf.concat([history[:, 1:], target[:, None]], axis=1)
       weights = tf.reshape(tf.cast(tf.not_equal(history, 0), tf.float32), [-1])
       queries = tf.reshape(queries, [-1, tf.shape(queries)[-1]])
       positives = tf.reshape(positives, [-1])
     else:
-      queries = queries[:, -1, :]
+      # One example per target (positions data): only the last query is
+      # needed, and computing the others cost the two-tower step 3x.
+      queries = self.model.query_last(history, batch[mf.FEATURE_USER], training=training,
+                                      seed=seed)
       positives = target
       weights = tf.ones(tf.shape(target), tf.float32)
     candidates = self.model.item_vectors(positives, training=training, seed=seed)

@@ -58,7 +58,8 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
   """Linear warm-up to `peak`, then constant or cosine decay to 0 at `total_steps`."""
 
   def __init__(self, peak: float, warmup_steps: int, total_steps: int, kind: str):
-    self.peak, self.warmup_steps, self.total_steps, self.kind = peak, warmup_steps, total_steps, kind
+    self.peak, self.warmup_steps = peak, warmup_steps
+    self.total_steps, self.kind = total_steps, kind
 
   def __call__(self, step):
     step = tf.cast(step, tf.float32)
