@@ -172,7 +172,7 @@ def run(config: RetrievalConfig) -> dict:
   if config.threads:
     faiss.omp_set_num_threads(config.threads)
 
-  index, exact = _index(config, p, out)
+  index, exact, dense = _index(config, p, out)
   search_params = index_lib.set_search_params(index, config.nprobe, config.ef_search,
                                               config.topk)
   items = Vocabulary.from_parquet(p.manifest.path(mf.ITEMS_FILE), "item_id")
@@ -203,8 +203,8 @@ def run(config: RetrievalConfig) -> dict:
       skipped += 1
       continue
     first = p.begin + b * config.batch_size
-    stats = _candidates_for_batch(queries, first, config, p, index, exact, stride, item_ids,
-                                  users, tower, path)
+    stats = _candidates_for_batch(queries, first, config, p, index, exact, dense, stride,
+                                  item_ids, users, tower, path)
     totals.append(stats)
     done_users += len(queries)
     elapsed = time.perf_counter() - started
@@ -222,15 +222,19 @@ def run(config: RetrievalConfig) -> dict:
   return _finish_if_complete(out, config, p, search_params)
 
 
-def _candidates_for_batch(queries, first, config, p, index, exact, stride, item_ids, users,
-                          tower, path) -> dict:
+def _candidates_for_batch(queries, first, config, p, index, exact, dense, stride, item_ids,
+                          users, tower, path) -> dict:
   t0 = time.perf_counter()
   history = queries.last_items(p.manifest.max_seq_len)[0]
   vectors = np.ascontiguousarray(tower(history, queries.user), dtype=np.float32)
   faiss.normalize_L2(vectors)
   t1 = time.perf_counter()
-  result = search_lib.search_unseen(index, item_ids, vectors, queries.values, queries.offsets,
-                                     config.topk, config.exclude_seen)
+  if dense is not None:
+    result = search_lib.search_unseen_dense(dense, vectors, queries.values, queries.offsets,
+                                            config.topk, config.exclude_seen)
+  else:
+    result = search_lib.search_unseen(index, item_ids, vectors, queries.values,
+                                       queries.offsets, config.topk, config.exclude_seen)
   search_seconds = time.perf_counter() - t1
   stats = {"users": len(queries), "rows": int(result.counts.sum()),
            "search_seconds": search_seconds, "tower_seconds": t1 - t0,
@@ -342,10 +346,14 @@ def _index(config: RetrievalConfig, p: Plan, out: Path):
     index_lib.save(index, directory, info)
     logging.info("built %s index over %d items in %.1fs", p.spec.kind, len(vectors),
                  time.perf_counter() - started)
-  exact = None
+  exact = dense = None
   if p.spec.kind != "flat":
     exact, _ = index_lib.build(vectors, items.raw_ids, index_lib.IndexSpec("flat"))
-  return index, exact
+  elif len(vectors) <= search_lib.DENSE_MAX_ITEMS:
+    # Exact search of a small catalogue: the same vectors the index holds.
+    dense = np.ascontiguousarray(vectors, dtype=np.float32).copy()
+    faiss.normalize_L2(dense)
+  return index, exact, dense
 
 
 def _model_identity(config: RetrievalConfig, p: Plan) -> dict:

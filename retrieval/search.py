@@ -108,6 +108,43 @@ def search_unseen(index: faiss.Index, item_ids: ItemIds, queries: np.ndarray,
   return SearchResult(items, scores, counts, researched_rows=len(short))
 
 
+# Up to this many items an exact search is a BLAS product + argpartition:
+# FAISS Flat's cost there is its heap, not the product (BUILD_NOTES).
+DENSE_MAX_ITEMS = 65536
+
+
+def search_unseen_dense(item_vectors: np.ndarray, queries: np.ndarray, seen_values: np.ndarray,
+                        seen_offsets: np.ndarray, topk: int, exclude_seen: bool = True,
+                        rows_per_product: int = 1024) -> SearchResult:
+  """Exact top-`topk` by scoring every item; item_vectors row i - 1 is item index i.
+
+  Seen items get -inf before selection, so no depth is ever too shallow.
+  """
+  n, num_items = len(queries), len(item_vectors)
+  items = np.zeros((n, topk), np.int64)
+  scores = np.full((n, topk), -np.inf, np.float32)
+  counts = np.zeros(n, np.int64)
+  for begin in range(0, n, rows_per_product):
+    end = min(begin + rows_per_product, n)
+    block = queries[begin:end] @ item_vectors.T
+    if exclude_seen:
+      lo, hi = seen_offsets[begin], seen_offsets[end]
+      rows = np.repeat(np.arange(end - begin), np.diff(seen_offsets[begin:end + 1]))
+      block[rows, seen_values[lo:hi] - 1] = -np.inf
+    top = np.argpartition(-block, topk - 1, axis=1)[:, :topk] if topk < num_items else \
+        np.broadcast_to(np.arange(num_items), (end - begin, num_items))
+    top_scores = np.take_along_axis(block, top, axis=1)
+    # Best first; equal scores by item index, as the metrics break ties.
+    order = np.lexsort((top, -top_scores), axis=1)
+    top, top_scores = np.take_along_axis(top, order, 1), np.take_along_axis(top_scores, order, 1)
+    found = np.isfinite(top_scores)
+    width = top.shape[1]
+    items[begin:end, :width] = np.where(found, top + 1, 0)
+    scores[begin:end, :width] = np.where(found, top_scores, -np.inf)
+    counts[begin:end] = found.sum(axis=1)
+  return SearchResult(items, scores, counts)
+
+
 def _row_keys(rows: np.ndarray, items: np.ndarray) -> np.ndarray:
   # One int64 per (row, item): rows < 2^31, item indices < 2^32.
   return (rows.astype(np.int64) << 32) | items.astype(np.int64)

@@ -55,6 +55,22 @@ def test_flat_search_excluding_seen_equals_brute_force():
   assert not np.isin(result.items[3], seen[3]).any()
 
 
+def test_dense_exact_search_equals_brute_force_and_faiss_flat():
+  vectors, queries, seen, values, offsets, raw_ids = random_case()
+  normed = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+  dense = search_lib.search_unseen_dense(normed, queries, values, offsets, topk=10,
+                                         rows_per_product=7)  # several products
+  assert dense.items.tolist() == brute_force(queries, vectors, seen, 10)
+  index, _ = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("flat"))
+  faiss_result = search_lib.search_unseen(index, search_lib.ItemIds(raw_ids), queries, values,
+                                          offsets, topk=10)
+  np.testing.assert_allclose(dense.scores, faiss_result.scores, rtol=1e-5)
+  # A user with 5 unseen items left gets those 5 and padding.
+  few = search_lib.search_unseen_dense(normed[:30], queries[:1], np.arange(1, 26),
+                                       np.array([0, 25]), topk=10)
+  assert few.counts.tolist() == [5] and sorted(few.items[0, :5]) == [26, 27, 28, 29, 30]
+
+
 def test_user_who_has_seen_almost_everything_gets_what_is_left():
   vectors, queries, seen, values, offsets, raw_ids = random_case(num_items=300, num_users=6)
   seen = [np.arange(1, 26), np.arange(1, 3)]  # user 0 has 5 unseen items left
