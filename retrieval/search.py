@@ -11,6 +11,10 @@ membership test over the whole batch; the survivors of each row keep their
 order (a stable argsort). ANN indexes can return fewer than `depth` results
 (a probed IVF list runs dry); rows left short are searched again with IVF
 scanning every list, and whatever is still missing is counted.
+
+`search_unseen_dense` is the exact search the job uses for Flat up to
+DENSE_MAX_ITEMS items: every item scored by one BLAS product, seen items set
+to -inf first, so depth never matters.
 """
 
 import dataclasses
