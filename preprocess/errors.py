@@ -7,3 +7,7 @@ class DataError(ValueError):
   The message names the file and, where one exists, the column and row, so the
   user can fix the input without reading a traceback.
   """
+
+
+class ConfigError(ValueError):
+  """Flags that contradict each other or the data; the message names the flag."""

@@ -41,8 +41,7 @@ class Queries:
     return Queries(self.user[rows], self.target[rows], values, offsets)
 
 
-def _columns() -> list[str]:
-  return ["user", "history", f"{mf.VALID}_item", f"{mf.TEST}_item"]
+_COLUMNS = ["user", "history", f"{mf.VALID}_item", f"{mf.TEST}_item"]
 
 
 def _check_split(manifest: mf.Manifest, split: str, allow_all: bool) -> None:
@@ -65,31 +64,16 @@ def queries_from_table(table: pa.Table, split: str) -> Queries:
   for column in appended:
     # Users without that held-out click (item 0) get nothing appended.
     rows = np.flatnonzero(column > 0)
-    values, offsets = _csr_append_some(values, offsets, rows, column[rows])
+    values, offsets = sq.csr_append(values, offsets, column[rows], rows)
   target = {mf.VALID: valid, mf.TEST: test, ALL: np.zeros_like(valid)}[split]
   return Queries(user=table.column("user").to_numpy().astype(np.int64), target=target,
                  values=values, offsets=offsets)
 
 
-def _csr_append_some(values, offsets, rows, items):
-  """Appends items[j] to row rows[j] of a CSR (rows sorted, unique)."""
-  if len(rows) == len(offsets) - 1:
-    return sq.csr_append(values, offsets, items)
-  extra = np.zeros(len(offsets) - 1, np.int64)
-  extra[rows] = 1
-  new_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets) + extra)])
-  new_values = np.empty(new_offsets[-1], np.int64)
-  old_positions = np.arange(len(values)) + np.repeat(new_offsets[:-1] - offsets[:-1],
-                                                     np.diff(offsets))
-  new_values[old_positions] = values
-  new_values[new_offsets[rows + 1] - 1] = items
-  return new_values, new_offsets
-
-
 def load_queries(manifest: mf.Manifest, split: str) -> Queries:
   """Users with a target in evaluation split `split`, and their queries."""
   _check_split(manifest, split, allow_all=False)
-  table = pq.read_table(manifest.path(mf.USER_HISTORIES_FILE), columns=_columns())
+  table = pq.read_table(manifest.path(mf.USER_HISTORIES_FILE), columns=_COLUMNS)
   queries = queries_from_table(table, split)
   return queries.take(np.flatnonzero(queries.target > 0))
 
@@ -115,7 +99,7 @@ def iter_query_batches(manifest: mf.Manifest, split: str, begin: int, end: int,
   pending: list[pa.RecordBatch] = []
   pending_rows, remaining = 0, end - begin
   for record_batch in parquet.iter_batches(batch_size=max(batch_size, 1024), row_groups=groups,
-                                           columns=_columns()):
+                                           columns=_COLUMNS):
     if skip:
       cut = min(skip, record_batch.num_rows)
       record_batch, skip = record_batch.slice(cut), skip - cut

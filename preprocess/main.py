@@ -8,10 +8,10 @@
 See preprocess/manifest.py for what OUT contains.
 """
 
-import sys
 
 from absl import app, flags, logging
 
+from preprocess import cli
 from preprocess import manifest as mf
 from preprocess import pipeline, readers
 from preprocess.errors import DataError
@@ -68,18 +68,16 @@ def config_from_flags() -> pipeline.PreprocessConfig:
 
 def main(argv):
   if len(argv) > 1:
-    sys.exit(f"preprocess: error: unexpected arguments {argv[1:]}")
+    cli.fail("preprocess", f"unexpected arguments {argv[1:]}", 1)
   config = config_from_flags()
   try:
     config.validate()
   except ValueError as e:
-    print(f"preprocess: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail("preprocess", str(e), 2)
   try:
     manifest = pipeline.run(config)
   except DataError as e:
-    print(f"preprocess: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    cli.fail("preprocess", str(e), 1)
   counts = manifest.counts
   print(f"preprocess: wrote {manifest.data_dir}: {counts['users']} users, {counts['items']} "
         f"items, {counts['clicks']} clicks; " + ", ".join(

@@ -162,12 +162,17 @@ def csr_take_rows(values: np.ndarray, offsets: np.ndarray,
   return values[take], new_offsets
 
 
-def csr_append(values: np.ndarray, offsets: np.ndarray,
-               column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Appends column[i] to the end of row i of a CSR ragged array."""
+def csr_append(values: np.ndarray, offsets: np.ndarray, column: np.ndarray,
+               rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Appends column[j] to the end of row rows[j] (default: every row, in order)
+  of a CSR ragged array; `rows` sorted and unique."""
   n = len(offsets) - 1
-  new_offsets = offsets + np.arange(n + 1)
-  out = np.empty(len(values) + n, dtype=np.result_type(values, column))
-  out[np.arange(len(values)) + np.repeat(np.arange(n), np.diff(offsets))] = values
-  out[new_offsets[1:] - 1] = column
+  rows = np.arange(n) if rows is None else np.asarray(rows)
+  shift = np.zeros(n + 1, np.int64)  # items appended to the rows before row i
+  shift[rows + 1] = 1
+  shift = np.cumsum(shift)
+  new_offsets = offsets + shift
+  out = np.empty(len(values) + len(rows), dtype=np.result_type(values, column))
+  out[np.arange(len(values)) + np.repeat(shift[:-1], np.diff(offsets))] = values
+  out[new_offsets[rows + 1] - 1] = column
   return out, new_offsets

@@ -13,19 +13,19 @@ count is capped at num_items // 39, with a warning when a requested value is
 lowered; `auto_nlist` picks ~4 sqrt(N) under that cap.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import faiss
 import numpy as np
 from absl import logging
 
 from preprocess.errors import DataError
-from preprocess.fileio import write_json_atomic
+from preprocess.fileio import write_bytes_atomic, write_json_atomic
 
 INDEX_TYPES = ("flat", "ivf", "ivf_pq", "hnsw")
 MIN_POINTS_PER_LIST = 39
@@ -125,10 +125,7 @@ def set_search_params(index: faiss.Index, nprobe: int = 0, ef_search: int = 0,
   nprobe 0: `auto_nprobe` for `topk`. ef_search 0: max(128, 2 topk).
   """
   params = {}
-  try:
-    ivf = faiss.extract_index_ivf(index)
-  except RuntimeError:
-    ivf = None
+  ivf = _ivf(index)
   if ivf is not None:
     if nprobe > ivf.nlist:
       raise ValueError(f"--nprobe={nprobe} is larger than the index's nlist ({ivf.nlist})")
@@ -142,28 +139,34 @@ def set_search_params(index: faiss.Index, nprobe: int = 0, ef_search: int = 0,
   return params
 
 
-def exhaustive(index: faiss.Index) -> None:
-  """Makes an IVF index scan every list (for rows an ANN search left short)."""
+def _ivf(index: faiss.Index):
+  """The IVF part of `index` (through IndexIDMap2), or None for flat / hnsw."""
   try:
-    ivf = faiss.extract_index_ivf(index)
+    return faiss.extract_index_ivf(index)
   except RuntimeError:
+    return None
+
+
+@contextlib.contextmanager
+def scanning_every_list(index: faiss.Index) -> Iterator[None]:
+  """Inside: an IVF index probes every list (for rows an ANN search left short)."""
+  ivf = _ivf(index)
+  if ivf is None:
+    yield
     return
+  nprobe = ivf.nprobe
   ivf.nprobe = ivf.nlist
+  try:
+    yield
+  finally:
+    ivf.nprobe = nprobe
 
 
 def save(index: faiss.Index, directory: Path, info: dict) -> Path:
   """Writes INDEX_FILE and INDEX_INFO_FILE into `directory`, each atomically."""
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{INDEX_FILE}.tmp-", dir=directory)
-  os.close(fd)
-  try:
-    faiss.write_index(index, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, directory / INDEX_FILE)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  write_bytes_atomic(directory / INDEX_FILE, faiss.serialize_index(index).tobytes())
   write_json_atomic(directory / INDEX_INFO_FILE, info)
   return directory / INDEX_FILE
 

@@ -29,9 +29,7 @@ indexes the overlap of the top-K with an exact search for a sample of users
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,14 +41,14 @@ from absl import logging
 
 from preprocess import histories
 from preprocess import manifest as mf
-from preprocess.errors import DataError
-from preprocess.fileio import sha256_file, write_json_atomic
+from preprocess.errors import ConfigError, DataError
+from preprocess.fileio import sha256_file, write_bytes_atomic, write_json_atomic
 from preprocess.vocab import Vocabulary
 from retrieval import index as index_lib
 from retrieval import metrics
 from retrieval import search as search_lib
 from retrieval import user_tower as tower_lib
-from trainer.export_info import EXPORT_DIR
+from trainer.export_info import EXPORT_DIR, ExportInfo
 
 JOB_FILE = "job.json"
 INDEX_DIR = "index"
@@ -61,10 +59,6 @@ STATS_KEY = b"retrieval_stats"
 EVAL_NONE = "none"
 CANDIDATE_SCHEMA = pa.schema([("user_id", pa.int64()), ("article_id", pa.int64()),
                               ("recall_score", pa.float32()), ("recall_rank", pa.int32())])
-
-
-class ConfigError(ValueError):
-  """Inconsistent flags; the message names the flag."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +99,6 @@ class RetrievalConfig:
     if not 0 <= self.worker_index < self.num_workers:
       raise ConfigError(f"--worker_index={self.worker_index} is out of range for "
                         f"--num_workers={self.num_workers}")
-    if self.nprobe and self.nlist and self.nprobe > self.nlist:
-      raise ConfigError(f"--nprobe={self.nprobe} is larger than --nlist={self.nlist}")
     if not self.eval_topk or min(self.eval_topk) < 1 or max(self.eval_topk) > self.topk:
       raise ConfigError(f"--eval_topk={','.join(map(str, self.eval_topk))}: each K must be in "
                         f"1..--topk ({self.topk})")
@@ -120,7 +112,7 @@ class RetrievalConfig:
 class Plan:
   """Everything checked before work starts."""
   manifest: mf.Manifest
-  info: object  # trainer.export_info.ExportInfo
+  info: ExportInfo
   query_split: str
   num_users: int
   begin: int
@@ -139,8 +131,6 @@ def plan(config: RetrievalConfig) -> Plan:
   num_items = info.num_items - 1
   if config.topk > num_items:
     raise ConfigError(f"--topk={config.topk} is larger than the item count ({num_items})")
-  if config.index in ("ivf", "ivf_pq") and config.nlist > num_items:
-    raise ConfigError(f"--nlist={config.nlist} is larger than the item count ({num_items})")
   spec = index_lib.IndexSpec(kind=config.index, nlist=config.nlist, pq_m=config.pq_m,
                              hnsw_m=config.hnsw_m)
   try:
@@ -155,8 +145,12 @@ def plan(config: RetrievalConfig) -> Plan:
   return Plan(manifest, info, query_split, n, n * w // workers, n * (w + 1) // workers, spec)
 
 
+def part_prefix(worker: int, num_workers: int) -> str:
+  return f"part-{worker:05d}-of-{num_workers:05d}"
+
+
 def part_name(worker: int, num_workers: int, batch: int) -> str:
-  return f"part-{worker:05d}-of-{num_workers:05d}-{batch:06d}.parquet"
+  return f"{part_prefix(worker, num_workers)}-{batch:06d}.parquet"
 
 
 def success_name(worker: int, num_workers: int) -> str:
@@ -167,17 +161,17 @@ def run(config: RetrievalConfig) -> dict:
   """Runs this worker's share; returns the job metrics once every worker is done, else {}."""
   p = plan(config)
   out = Path(config.output_dir)
-  stamp = {**config.shared(), **_model_identity(config, p), "spec": dataclasses.asdict(p.spec)}
-  _claim_output(out, stamp, config.overwrite)
+  model = _model_identity(config, p)
+  _claim_output(out, {**config.shared(), **model, "spec": dataclasses.asdict(p.spec)},
+                config.overwrite)
   if config.threads:
     faiss.omp_set_num_threads(config.threads)
 
-  index, exact, dense = _index(config, p, out)
-  search_params = index_lib.set_search_params(index, config.nprobe, config.ef_search,
-                                              config.topk)
   items = Vocabulary.from_parquet(p.manifest.path(mf.ITEMS_FILE), "item_id")
   users = Vocabulary.from_parquet(p.manifest.path(mf.USERS_FILE), "user_id")
-  item_ids = search_lib.ItemIds(items.raw_ids)
+  index, exact, dense = _index(config, p, out, items, model)
+  search_params = index_lib.set_search_params(index, config.nprobe, config.ef_search,
+                                              config.topk)
   tower = tower_lib.UserTower(Path(config.model_dir), p.info)
   # Every `stride`-th user (global position) is also searched exactly.
   stride = max(1, p.num_users // config.ann_recall_users) if exact is not None and \
@@ -186,7 +180,7 @@ def run(config: RetrievalConfig) -> dict:
   (out / CANDIDATES_DIR).mkdir(exist_ok=True)
   # Temporaries of parts a killed run of this worker was writing.
   for stale in (out / CANDIDATES_DIR).glob(
-      f".{part_name(config.worker_index, config.num_workers, 0)[:-15]}*.tmp-*"):
+      f".{part_prefix(config.worker_index, config.num_workers)}-*.tmp-*"):
     stale.unlink(missing_ok=True)
   totals: list[dict] = []
   started, done_users, skipped = time.perf_counter(), 0, 0
@@ -204,7 +198,7 @@ def run(config: RetrievalConfig) -> dict:
       continue
     first = p.begin + b * config.batch_size
     stats = _candidates_for_batch(queries, first, config, p, index, exact, dense, stride,
-                                  item_ids, users, tower, path)
+                                  items, users, tower, path)
     totals.append(stats)
     done_users += len(queries)
     elapsed = time.perf_counter() - started
@@ -222,7 +216,7 @@ def run(config: RetrievalConfig) -> dict:
   return _finish_if_complete(out, config, p, search_params)
 
 
-def _candidates_for_batch(queries, first, config, p, index, exact, dense, stride, item_ids,
+def _candidates_for_batch(queries, first, config, p, index, exact, dense, stride, items,
                           users, tower, path) -> dict:
   t0 = time.perf_counter()
   history = queries.last_items(p.manifest.max_seq_len)[0]
@@ -233,7 +227,7 @@ def _candidates_for_batch(queries, first, config, p, index, exact, dense, stride
     result = search_lib.search_unseen_dense(dense, vectors, queries.values, queries.offsets,
                                             config.topk, config.exclude_seen)
   else:
-    result = search_lib.search_unseen(index, item_ids, vectors, queries.values,
+    result = search_lib.search_unseen(index, items, vectors, queries.values,
                                        queries.offsets, config.topk, config.exclude_seen)
   search_seconds = time.perf_counter() - t1
   stats = {"users": len(queries), "rows": int(result.counts.sum()),
@@ -247,51 +241,38 @@ def _candidates_for_batch(queries, first, config, p, index, exact, dense, stride
   if stride:
     rows = np.flatnonzero((first + np.arange(len(queries))) % stride == 0)
     if len(rows):
-      values, offsets = _csr_rows(queries.values, queries.offsets, rows)
-      reference = search_lib.search_unseen(exact, item_ids, vectors[rows], values, offsets,
-                                           config.topk, config.exclude_seen)
+      sample = queries.take(rows)
+      reference = search_lib.search_unseen(exact, items, vectors[rows], sample.values,
+                                           sample.offsets, config.topk, config.exclude_seen)
       stats["ann_users"] = len(rows)
       stats["ann_overlap_sum"] = float(_overlap(result.items[rows], reference.items,
                                                 reference.counts).sum())
   stats["seconds"] = time.perf_counter() - t0
-  _write_part(path, queries, result, users, item_ids, stats)
+  _write_part(path, queries, result, users, items, stats)
   return stats
-
-
-def _csr_rows(values, offsets, rows):
-  from preprocess.sequences import csr_take_rows
-  return csr_take_rows(values, offsets, rows)
 
 
 def _overlap(found: np.ndarray, reference: np.ndarray, reference_counts: np.ndarray) -> np.ndarray:
   """|found_i ∩ reference_i| / |reference_i| per row (0 entries are padding)."""
-  n, k = found.shape
-  keys = lambda a: (np.arange(len(a))[:, None].astype(np.int64) << 32) | a  # noqa: E731
-  ref = keys(reference)[reference > 0]
-  ref.sort()
-  hit = search_lib._isin_sorted(keys(found), ref) & (found > 0)
+  rows = np.arange(len(found))[:, None]
+  ref = np.sort(search_lib.row_keys(rows, reference)[reference > 0])
+  hit = search_lib.isin_sorted(search_lib.row_keys(rows, found), ref) & (found > 0)
   return hit.sum(axis=1) / np.maximum(reference_counts, 1)
 
 
-def _write_part(path: Path, queries, result, users, item_ids, stats) -> None:
+def _write_part(path: Path, queries, result, users, items, stats) -> None:
   topk = result.items.shape[1]
   mask = np.arange(topk)[None, :] < result.counts[:, None]
   row = np.repeat(np.arange(len(queries)), result.counts)
   table = pa.table({
       "user_id": pa.array(users.to_raw(queries.user)[row], pa.int64()),
-      "article_id": pa.array(item_ids.to_raw(result.items[mask]), pa.int64()),
+      "article_id": pa.array(items.to_raw(result.items[mask]), pa.int64()),
       "recall_score": pa.array(result.scores[mask], pa.float32()),
       "recall_rank": pa.array(np.nonzero(mask)[1].astype(np.int32) + 1, pa.int32()),
   }, schema=CANDIDATE_SCHEMA.with_metadata({STATS_KEY: json.dumps(stats).encode()}))
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-  os.close(fd)
-  try:
-    pq.write_table(table, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  buffer = pa.BufferOutputStream()  # one batch: bounded, and renamed into place whole
+  pq.write_table(table, buffer)
+  write_bytes_atomic(path, buffer.getvalue().to_pybytes())
 
 
 def _read_stats(path: Path) -> dict:
@@ -326,12 +307,12 @@ def _claim_output(out: Path, stamp: dict, overwrite: bool) -> None:
   write_json_atomic(job, stamp)
 
 
-def _index(config: RetrievalConfig, p: Plan, out: Path):
-  """The job's index (loaded when a previous run or another worker saved it) and,
-  for ANN kinds, an exact Flat index for the recall measurement."""
+def _index(config: RetrievalConfig, p: Plan, out: Path, items: Vocabulary, model: dict):
+  """The job's index (loaded when a previous run or another worker saved it);
+  for ANN kinds an exact Flat index for the recall measurement, for small
+  Flat catalogues the normalised vectors for the dense exact search."""
   vectors = tower_lib.load_item_embeddings(Path(config.model_dir), p.info)[1:]
-  items = Vocabulary.from_parquet(p.manifest.path(mf.ITEMS_FILE), "item_id")
-  info = {"spec": dataclasses.asdict(p.spec), **_model_identity(config, p),
+  info = {"spec": dataclasses.asdict(p.spec), **model,
           "num_items": len(vectors), "dim": int(vectors.shape[1]), "labels": "raw item_id",
           "metric": "inner product of L2-normalised vectors"}
   directory = out / INDEX_DIR

@@ -6,12 +6,13 @@
 See retrieval/job.py for the output layout and the evaluation protocol.
 """
 
+import functools
 import os
-import sys
 
 from absl import app, flags, logging
 
-from preprocess.errors import DataError
+from preprocess import cli
+from preprocess.errors import ConfigError, DataError
 from retrieval import index as index_lib
 from retrieval import job
 
@@ -42,9 +43,7 @@ flags.DEFINE_integer("threads", _D.threads, "FAISS OpenMP threads (0: FAISS defa
 flags.DEFINE_boolean("overwrite", _D.overwrite, "Replace another job's output in --output_dir.")
 
 
-def fail(message: str, code: int) -> None:
-  print(f"retrieval: error: {message}", file=sys.stderr)
-  sys.exit(code)
+fail = functools.partial(cli.fail, "retrieval")
 
 
 def main(argv):
@@ -53,17 +52,13 @@ def main(argv):
   for name in ("data_dir", "model_dir", "output_dir"):
     if not getattr(FLAGS, name):
       fail(f"--{name} is required", 2)
-  try:
-    eval_topk = tuple(int(k) for k in FLAGS.eval_topk)
-  except ValueError:
-    fail(f"--eval_topk={','.join(FLAGS.eval_topk)}: expected integers", 2)
-  config = job.RetrievalConfig(**{
-      field: getattr(FLAGS, field) for field in job.RetrievalConfig.__dataclass_fields__
-      if field != "eval_topk"}, eval_topk=eval_topk)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
+    config = job.RetrievalConfig(**{
+        field: getattr(FLAGS, field) for field in job.RetrievalConfig.__dataclass_fields__
+        if field != "eval_topk"}, eval_topk=cli.int_tuple(FLAGS.eval_topk, "eval_topk"))
     result = job.run(config)
-  except job.ConfigError as e:
+  except ConfigError as e:
     fail(str(e), 2)
   except DataError as e:
     fail(str(e), 1)

@@ -22,6 +22,7 @@ import dataclasses
 import faiss
 import numpy as np
 
+from preprocess.vocab import Vocabulary
 from retrieval import index as index_lib
 
 
@@ -33,29 +34,13 @@ class SearchResult:
   researched_rows: int = 0  # rows searched again exhaustively
 
 
-class ItemIds:
-  """Raw item id <-> item index for the labels an index returns."""
-
-  def __init__(self, raw_ids: np.ndarray):
-    # raw_ids[i - 1] is the raw id of item index i (preprocess vocabulary).
-    self.raw_ids = np.asarray(raw_ids, np.int64)
-    self._order = np.argsort(self.raw_ids, kind="stable")
-    self._sorted = self.raw_ids[self._order]
-
-  def to_index(self, labels: np.ndarray) -> np.ndarray:
-    """Raw ids -> item indices; -1 (FAISS: no result) -> 0."""
-    pos = np.clip(np.searchsorted(self._sorted, labels), 0, len(self._sorted) - 1)
-    found = (self._sorted[pos] == labels) & (labels >= 0)
-    return np.where(found, self._order[pos] + 1, 0)
-
-  def to_raw(self, items: np.ndarray) -> np.ndarray:
-    return self.raw_ids[np.maximum(items, 1) - 1]
-
-
-def search_unseen(index: faiss.Index, item_ids: ItemIds, queries: np.ndarray,
+def search_unseen(index: faiss.Index, items_vocab: Vocabulary, queries: np.ndarray,
                   seen_values: np.ndarray, seen_offsets: np.ndarray, topk: int,
                   exclude_seen: bool = True) -> SearchResult:
-  """Top-`topk` items per query row, excluding row i's seen items (CSR) if asked."""
+  """Top-`topk` items per query row, excluding row i's seen items (CSR) if asked.
+
+  The index's labels are raw item ids; `items_vocab` maps them to indices.
+  """
   n = len(queries)
   queries = np.ascontiguousarray(queries, dtype=np.float32)
   seen_counts = np.diff(seen_offsets) if exclude_seen else np.zeros(n, np.int64)
@@ -72,17 +57,18 @@ def search_unseen(index: faiss.Index, item_ids: ItemIds, queries: np.ndarray,
   items = np.zeros((n, topk), np.int64)
   scores = np.full((n, topk), -np.inf, np.float32)
   counts = np.zeros(n, np.int64)
-  seen_keys = _row_keys(np.repeat(np.arange(n), np.diff(seen_offsets)), seen_values) \
+  seen_keys = row_keys(np.repeat(np.arange(n), np.diff(seen_offsets)), seen_values) \
       if exclude_seen else np.zeros(0, np.int64)
   seen_keys = np.unique(seen_keys)
 
   def run(rows: np.ndarray, k: int) -> None:
     distances, labels = index.search(queries[rows], int(k))
-    found = item_ids.to_index(labels)
+    # FAISS marks "no result" with label -1.
+    found = np.where(labels == -1, 0, items_vocab.lookup(labels)).astype(np.int64)
     drop = found == 0
     if exclude_seen:
-      keys = _row_keys(np.repeat(rows, found.shape[1]), found.reshape(-1))
-      drop |= _isin_sorted(keys, seen_keys).reshape(found.shape)
+      keys = row_keys(np.repeat(rows, found.shape[1]), found.reshape(-1))
+      drop |= isin_sorted(keys, seen_keys).reshape(found.shape)
     keep = np.argsort(drop, axis=1, kind="stable")[:, :topk]
     width = keep.shape[1]
     items[rows, :width] = np.take_along_axis(np.where(drop, 0, found), keep, axis=1)
@@ -105,10 +91,8 @@ def search_unseen(index: faiss.Index, item_ids: ItemIds, queries: np.ndarray,
   available = index.ntotal - (_unique_counts(seen_values, seen_offsets) if exclude_seen else 0)
   short = np.flatnonzero(counts < np.minimum(topk, available))
   if len(short):
-    saved = _search_params(index)
-    index_lib.exhaustive(index)
-    run_grouped(short, full_depth)
-    _restore_params(index, saved)
+    with index_lib.scanning_every_list(index):
+      run_grouped(short, full_depth)
   return SearchResult(items, scores, counts, researched_rows=len(short))
 
 
@@ -149,12 +133,12 @@ def search_unseen_dense(item_vectors: np.ndarray, queries: np.ndarray, seen_valu
   return SearchResult(items, scores, counts)
 
 
-def _row_keys(rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+def row_keys(rows: np.ndarray, items: np.ndarray) -> np.ndarray:
   # One int64 per (row, item): rows < 2^31, item indices < 2^32.
   return (rows.astype(np.int64) << 32) | items.astype(np.int64)
 
 
-def _isin_sorted(keys: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+def isin_sorted(keys: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
   if not len(sorted_unique):
     return np.zeros(keys.shape, bool)
   pos = np.minimum(np.searchsorted(sorted_unique, keys), len(sorted_unique) - 1)
@@ -164,17 +148,5 @@ def _isin_sorted(keys: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
 def _unique_counts(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
   """Distinct items per CSR row."""
   rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-  distinct = np.unique(_row_keys(rows, values)) >> 32
+  distinct = np.unique(row_keys(rows, values)) >> 32
   return np.bincount(distinct, minlength=len(offsets) - 1)
-
-
-def _search_params(index: faiss.Index) -> int | None:
-  try:
-    return faiss.extract_index_ivf(index).nprobe
-  except RuntimeError:
-    return None
-
-
-def _restore_params(index: faiss.Index, nprobe: int | None) -> None:
-  if nprobe is not None:
-    faiss.extract_index_ivf(index).nprobe = nprobe

@@ -6,15 +6,13 @@ import numpy as np
 
 from preprocess import manifest as mf
 from preprocess.errors import DataError
-from preprocess.fileio import sha256_file
-from trainer.export_info import EXPORT_DIR, ExportInfo, load_info
+from trainer.export_info import EXPORT_DIR, ExportInfo, data_fingerprint, load_info
 
 
 def check_export_matches_data(model_dir: Path, manifest: mf.Manifest) -> ExportInfo:
   """The export's info, after checking it was trained on this data's vocabulary."""
   info = load_info(model_dir)
-  fingerprint = sha256_file(manifest.path(mf.ITEMS_FILE))
-  if info.data_fingerprint != fingerprint:
+  if info.data_fingerprint != data_fingerprint(manifest):
     raise DataError(
         f"{model_dir}: the model was trained on another item vocabulary ({info.data_dir}) "
         f"than {manifest.data_dir}; vocab/items.parquet differs")

@@ -6,11 +6,13 @@ import shutil
 import subprocess
 import sys
 
+import faiss
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from preprocess.vocab import Vocabulary
 from retrieval import index as index_lib
 from retrieval import job
 from retrieval import metrics
@@ -47,7 +49,7 @@ def random_case(num_items=300, dim=8, num_users=40, seed=0):
 def test_flat_search_excluding_seen_equals_brute_force():
   vectors, queries, seen, values, offsets, raw_ids = random_case()
   index, _ = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("flat"))
-  result = search_lib.search_unseen(index, search_lib.ItemIds(raw_ids), queries, values,
+  result = search_lib.search_unseen(index, Vocabulary(raw_ids), queries, values,
                                     offsets, topk=10)
   expected = brute_force(queries, vectors, seen, 10)
   assert result.items.tolist() == expected
@@ -62,7 +64,7 @@ def test_dense_exact_search_equals_brute_force_and_faiss_flat():
                                          rows_per_product=7)  # several products
   assert dense.items.tolist() == brute_force(queries, vectors, seen, 10)
   index, _ = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("flat"))
-  faiss_result = search_lib.search_unseen(index, search_lib.ItemIds(raw_ids), queries, values,
+  faiss_result = search_lib.search_unseen(index, Vocabulary(raw_ids), queries, values,
                                           offsets, topk=10)
   np.testing.assert_allclose(dense.scores, faiss_result.scores, rtol=1e-5)
   # A user with 5 unseen items left gets those 5 and padding.
@@ -78,7 +80,7 @@ def test_user_who_has_seen_almost_everything_gets_what_is_left():
   offsets = np.array([0, 25, 27], np.int64)
   vectors, raw_ids = vectors[:30], raw_ids[:30]
   index, _ = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("flat"))
-  result = search_lib.search_unseen(index, search_lib.ItemIds(raw_ids), queries[:2], values,
+  result = search_lib.search_unseen(index, Vocabulary(raw_ids), queries[:2], values,
                                     offsets, topk=10)
   assert result.counts.tolist() == [5, 10]
   assert sorted(result.items[0, :5]) == [26, 27, 28, 29, 30]
@@ -87,7 +89,7 @@ def test_user_who_has_seen_almost_everything_gets_what_is_left():
 
 def test_ivf_with_every_list_probed_equals_flat():
   vectors, queries, seen, values, offsets, raw_ids = random_case(num_items=2000, dim=16)
-  ids = search_lib.ItemIds(raw_ids)
+  ids = Vocabulary(raw_ids)
   flat, _ = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("flat"))
   ivf, spec = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("ivf", nlist=20))
   assert spec.nlist == 20
@@ -102,11 +104,11 @@ def test_ivf_rows_left_short_are_searched_again():
   vectors, queries, seen, values, offsets, raw_ids = random_case(num_items=2000, dim=16)
   ivf, _ = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("ivf", nlist=50))
   index_lib.set_search_params(ivf, nprobe=1)  # ~40 items per list: 250 seen cannot fit
-  result = search_lib.search_unseen(ivf, search_lib.ItemIds(raw_ids), queries, values, offsets,
+  result = search_lib.search_unseen(ivf, Vocabulary(raw_ids), queries, values, offsets,
                                     topk=30)
   assert result.researched_rows >= 1
   assert (result.counts == 30).all()
-  assert search_lib._search_params(ivf) == 1  # nprobe restored
+  assert faiss.extract_index_ivf(ivf).nprobe == 1  # nprobe restored
 
 
 def test_ivf_list_count_is_capped_at_39_items_per_list():
@@ -125,7 +127,6 @@ def test_ivf_list_count_is_capped_at_39_items_per_list():
 
 
 def test_saved_index_loads_with_faiss_and_returns_raw_ids(tmp_path):
-  import faiss
   vectors, queries, _, _, _, raw_ids = random_case(num_items=500, dim=8)
   index, _ = index_lib.build(vectors, raw_ids, index_lib.IndexSpec("ivf", nlist=10))
   index_lib.save(index, tmp_path, {"kind": "ivf"})

@@ -97,5 +97,8 @@ def test_csr_helpers():
   values, offsets = np.array([1, 2, 3, 4, 5]), np.array([0, 2, 2, 5])
   v, o = sq.csr_append(values, offsets, np.array([9, 8, 7]))
   assert (v.tolist(), o.tolist()) == ([1, 2, 9, 8, 3, 4, 5, 7], [0, 3, 4, 8])
+  # Rows [1, 2, 3, 4, 5] split [0, 2) [2, 2) [2, 5); append 8 to row 1 only.
+  v, o = sq.csr_append(values, offsets, np.array([8]), rows=np.array([1]))
+  assert (v.tolist(), o.tolist()) == ([1, 2, 8, 3, 4, 5], [0, 2, 3, 6])
   v, o = sq.csr_take_rows(values, offsets, np.array([2, 0]))
   assert (v.tolist(), o.tolist()) == ([3, 4, 5, 1, 2], [0, 3, 5])

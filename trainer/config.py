@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from preprocess import manifest as mf
-from preprocess.errors import DataError
+from preprocess.errors import ConfigError, DataError
 
 MODELS = ("sasrec", "two_tower")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
@@ -25,10 +25,6 @@ MAX_LOGITS = 2**26
 # Fields that define the variables a checkpoint holds.
 ARCHITECTURE_FIELDS = ("model", "emb_dim", "num_heads", "num_blocks", "ff_dim", "tower_units",
                        "mixed_precision")
-
-
-class ConfigError(ValueError):
-  """An inconsistent flag; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,17 +22,13 @@ import numpy as np
 import tensorflow as tf
 
 from preprocess import manifest as mf
-from preprocess.fileio import atomic_directory, sha256_file, write_json_atomic
+from preprocess.fileio import atomic_directory, write_json_atomic
 from trainer.export_info import (EXPORT_DIR, EXPORT_MANIFEST, ITEM_EMBEDDINGS, USER_TOWER,
-                                 ExportInfo, load_info)
+                                 ExportInfo, data_fingerprint, load_info)
 from trainer.models import RetrievalModel
 
 __all__ = ["EXPORT_DIR", "EXPORT_MANIFEST", "ITEM_EMBEDDINGS", "USER_TOWER", "ExportInfo",
            "data_fingerprint", "export", "load_info"]
-
-
-def data_fingerprint(manifest: mf.Manifest) -> str:
-  return sha256_file(manifest.path(mf.ITEMS_FILE))
 
 
 class UserTower(tf.Module):

@@ -7,7 +7,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from preprocess import manifest as mf
 from preprocess.errors import DataError
+from preprocess.fileio import sha256_file
 
 EXPORT_DIR = "export"
 EXPORT_MANIFEST = "export_manifest.json"
@@ -27,6 +29,11 @@ class ExportInfo:
   global_step: int
   user_tower: str = USER_TOWER
   item_embeddings: str = ITEM_EMBEDDINGS
+
+
+def data_fingerprint(manifest: mf.Manifest) -> str:
+  """SHA-256 of the data's item vocabulary: a model only fits data with the same one."""
+  return sha256_file(manifest.path(mf.ITEMS_FILE))
 
 
 def load_info(model_dir: Path | str) -> ExportInfo:

@@ -10,11 +10,12 @@ MODEL/trainer_config.json. Outputs: MODEL/checkpoints, MODEL/summaries
 (TensorBoard), MODEL/metrics.json, MODEL/export (trainer/export.py).
 """
 
+import functools
 import os
-import sys
 
 from absl import app, flags, logging
 
+from preprocess import cli
 from preprocess.errors import DataError
 from trainer import config as config_lib
 
@@ -75,26 +76,17 @@ flags.DEFINE_boolean("jit_compile", _D.jit_compile, "XLA-compile the training st
 flags.DEFINE_boolean("export", _D.export, "Export the user tower and item embeddings.")
 
 
-def _ints(values: list[str], name: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(v) for v in values)
-  except ValueError:
-    raise config_lib.ConfigError(f"--{name}={','.join(values)}: expected integers") from None
-
-
 def config_from_flags() -> config_lib.TrainerConfig:
   values = {}
   for field in config_lib.TrainerConfig.__dataclass_fields__:
     value = getattr(FLAGS, field)
     if field in ("tower_units", "eval_topk"):
-      value = _ints(value, field)
+      value = cli.int_tuple(value, field)
     values[field] = value if value is not None else ""
   return config_lib.TrainerConfig(**values)
 
 
-def fail(message: str, code: int) -> None:
-  print(f"trainer: error: {message}", file=sys.stderr)
-  sys.exit(code)
+fail = functools.partial(cli.fail, "trainer")
 
 
 def main(argv):
