@@ -5,7 +5,10 @@
   preprocess --source=movielens --input=ratings.dat --output_dir=OUT
   preprocess --source=csv --input=log.csv --user_col=u --item_col=i --time_col=t --output_dir=OUT
 
-See preprocess/manifest.py for what OUT contains.
+  preprocess --mode=ranking --data_dir=OUT --candidates=CANDS_VALID,CANDS_TEST \
+      --output_dir=RANK_OUT          # retrieval candidates -> ranking examples (ranking.py)
+
+See preprocess/manifest.py for what OUT and RANK_OUT contain.
 """
 
 
@@ -13,10 +16,14 @@ from absl import app, flags, logging
 
 from preprocess import cli
 from preprocess import manifest as mf
-from preprocess import pipeline, readers
-from preprocess.errors import DataError
+from preprocess import pipeline, ranking, readers
+from preprocess.errors import ConfigError, DataError
 
 FLAGS = flags.FLAGS
+_R = ranking.RankingConfig(data_dir="", candidates=(), output_dir="")
+flags.DEFINE_enum("mode", "sequences", ["sequences", "ranking"],
+                  "sequences: click log -> sequence examples; ranking: retrieval candidates -> "
+                  "ranking examples for --model=dien.")
 flags.DEFINE_enum("source", None, readers.SOURCES, "Input format.")
 flags.DEFINE_string("input", None, "news: directory with train_click_log.csv and articles.csv; "
                     "others: the log file (.gz accepted; csv source also reads .parquet).")
@@ -47,6 +54,18 @@ flags.DEFINE_string("category_col", "", "csv: optional item category column.")
 flags.DEFINE_string("delimiter", ",", "csv: field delimiter ('\\t' or 'tab' for tabs).")
 flags.DEFINE_list("column_names", [], "csv: column names for a file without a header line.")
 flags.DEFINE_enum("time_unit", "s", list(readers.TIME_UNITS), "csv: unit of --time_col.")
+flags.DEFINE_string("data_dir", None, "ranking: the preprocess output the candidates came from.")
+flags.DEFINE_list("candidates", [], "ranking: retrieval output directories; --holdout=valid_test "
+                  "data needs the valid and the test lists, --holdout=last the valid lists.")
+flags.DEFINE_string("item_embeddings", _R.item_embeddings,
+                    "ranking: trainer model_dir (its export) or .npy of item embeddings for "
+                    "emb_sim_last (default: the model the retrieval job used).")
+flags.DEFINE_integer("max_hist_len", _R.max_hist_len, "ranking: history length (left-padded).")
+flags.DEFINE_integer("negatives_per_user", _R.negatives_per_user,
+                     "ranking: random negatives kept per training user (0: all); evaluation "
+                     "keeps every candidate.")
+flags.DEFINE_float("eval_users_fraction", _R.eval_users_fraction,
+                   "ranking, --holdout=last data: share of users held out for evaluation.")
 
 
 def config_from_flags() -> pipeline.PreprocessConfig:
@@ -66,9 +85,40 @@ def config_from_flags() -> pipeline.PreprocessConfig:
       num_workers=FLAGS.num_workers, movies=FLAGS.movies, csv=csv)
 
 
+def ranking_config_from_flags() -> ranking.RankingConfig:
+  return ranking.RankingConfig(
+      data_dir=FLAGS.data_dir or "", candidates=tuple(FLAGS.candidates),
+      output_dir=FLAGS.output_dir or "", item_embeddings=FLAGS.item_embeddings,
+      max_hist_len=FLAGS.max_hist_len, negatives_per_user=FLAGS.negatives_per_user,
+      eval_users_fraction=FLAGS.eval_users_fraction, num_shards=FLAGS.num_shards,
+      compression=FLAGS.compression, seed=FLAGS.seed, overwrite=FLAGS.overwrite)
+
+
+def main_ranking() -> None:
+  try:
+    config = ranking_config_from_flags()
+    config.validate()
+    manifest = ranking.run(config)
+  except ConfigError as e:
+    cli.fail("preprocess", str(e), 2)
+  except DataError as e:
+    cli.fail("preprocess", str(e), 1)
+  c = manifest.counts
+  print(f"preprocess: wrote {manifest.data_dir}: train {c['examples_train']} examples "
+        f"({c['positives_train']} positive, {c['users_train']} users), eval "
+        f"{c['examples_eval']} examples ({c['positives_eval']} positive, {c['users_eval']} "
+        f"users, {manifest.eval_split} click)")
+
+
 def main(argv):
   if len(argv) > 1:
     cli.fail("preprocess", f"unexpected arguments {argv[1:]}", 1)
+  if FLAGS.mode == "ranking":
+    main_ranking()
+    return
+  for name in ("source", "input", "output_dir"):
+    if not getattr(FLAGS, name):
+      cli.fail("preprocess", f"--{name} is required", 2)
   config = config_from_flags()
   try:
     config.validate()
@@ -85,7 +135,6 @@ def main(argv):
 
 
 def run():
-  flags.mark_flags_as_required(["source", "input", "output_dir"])
   logging.set_verbosity(logging.INFO)
   app.run(main)
 

@@ -6,11 +6,12 @@ together, BUILD_NOTES.md). Here a whole chunk of rows becomes file bytes in
 a few numpy passes (about 98k rows/s in one process), so `preprocess` needs
 neither TensorFlow nor a row loop:
 
-* Encoding: a fixed-schema Example of int64 features is a fixed sequence of
-  constant bytes (field tags, keys) and per-row varints (lengths, values).
-  The varints of a chunk are a (rows, tokens) int64 matrix that one
-  vectorised encoder turns into bytes; the constants are copied in with one
-  slice scatter each.
+* Encoding: a fixed-schema Example of int64 and float32 features is a fixed
+  sequence of constant bytes (field tags, keys), per-row varints (lengths,
+  int64 values) and per-row raw bytes (packed float32 values, whose width is
+  fixed by the schema). The varints of a chunk are a (rows, tokens) int64
+  matrix that one vectorised encoder turns into bytes; the constant and raw
+  bytes are copied in with one slice scatter each.
 * Framing: a TFRecord is `uint64 length | masked crc32c(length) | data |
   masked crc32c(data)`. Rows are encoded with room left for the 12 header
   and 4 footer bytes, and CRC-32C runs column-wise over a chunk of rows.
@@ -41,30 +42,36 @@ def varint_sizes(values: np.ndarray) -> np.ndarray:
   return sizes
 
 
-def _encode_rows(tokens: np.ndarray, literals: list[bytes] | None = None, gap_before: int = 0,
+Literal = bytes | np.ndarray  # the same bytes in every row, or a (rows, width) uint8 matrix
+
+
+def _encode_rows(tokens: np.ndarray, literals: list[Literal] | None = None, gap_before: int = 0,
                  gap_after: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Encodes rows of varint tokens interleaved with constant literal bytes.
+  """Encodes rows of varint tokens interleaved with literal bytes.
 
   Row i is: literals[0] varint(tokens[i, 0]) literals[1] varint(tokens[i, 1])
   ... literals[t], preceded by `gap_before` and followed by `gap_after`
-  unwritten bytes (room for record framing). Constant bytes are written
-  once per row with a slice scatter instead of going through the varint
-  path. Returns (buffer, data_start, data_length) per row.
+  unwritten bytes (room for record framing). A literal is either constant
+  bytes or a (n, width) uint8 matrix whose row i goes into row i (e.g. packed
+  floats); either way it has a fixed width and is written with one slice
+  scatter instead of going through the varint path. Returns (buffer,
+  data_start, data_length) per row.
   """
   n, t = tokens.shape
   literals = literals if literals is not None else [b""] * (t + 1)
-  lit_len = np.array([len(x) for x in literals[:t]], dtype=np.int64)
+  widths = [_literal_width(x) for x in literals]
+  lit_len = np.array(widths[:t], dtype=np.int64)
   sizes = varint_sizes(tokens)
   token_end = np.cumsum(sizes + lit_len, axis=1, dtype=np.int64)  # within the row
-  data_length = (token_end[:, -1] if t else np.zeros(n, np.int64)) + len(literals[t])
+  data_length = (token_end[:, -1] if t else np.zeros(n, np.int64)) + widths[t]
   stride = data_length + gap_before + gap_after
   data_start = np.cumsum(stride) - stride + gap_before
   token_start = token_end - sizes + data_start[:, None]
   out = np.empty(int(stride.sum()), dtype=np.uint8)
-  for c, literal in enumerate(literals):
-    if literal:
-      at = token_start[:, c] - len(literal) if c < t else data_start + data_length - len(literal)
-      out[at[:, None] + np.arange(len(literal))] = np.frombuffer(literal, dtype=np.uint8)
+  for c, (literal, width) in enumerate(zip(literals, widths)):
+    if width:
+      at = token_start[:, c] - width if c < t else data_start + data_length - width
+      out[at[:, None] + np.arange(width)] = _literal_bytes(literal)
   flat_sizes = sizes.reshape(-1)
   flat_starts = token_start.reshape(-1)
   values = tokens.reshape(-1)
@@ -87,6 +94,23 @@ def _encode_rows(tokens: np.ndarray, literals: list[bytes] | None = None, gap_be
   return out, data_start, data_length
 
 
+def _literal_width(literal: Literal) -> int:
+  return len(literal) if isinstance(literal, bytes) else literal.shape[1]
+
+
+def _literal_bytes(literal: Literal) -> np.ndarray:
+  """uint8 view of a literal; constant bytes broadcast over rows when scattered."""
+  return np.frombuffer(literal, dtype=np.uint8) if isinstance(literal, bytes) else literal
+
+
+def _join_literals(parts: list[Literal], n: int) -> Literal:
+  """Adjacent literals as one, so that literals and tokens alternate."""
+  if all(isinstance(p, bytes) for p in parts):
+    return b"".join(parts)
+  return np.concatenate([np.broadcast_to(_literal_bytes(p), (n, _literal_width(p)))
+                         for p in parts], axis=1)
+
+
 def _rows_and_offsets(out, start, length) -> tuple[np.ndarray, np.ndarray]:
   return out, np.append(start, start[-1] + length[-1] if len(start) else 0)
 
@@ -101,19 +125,23 @@ def encode_varint_rows(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode_examples(features: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """Serialises rows of non-negative int64 features as tf.train.Example protos.
+  """Serialises rows of int64 and float32 features as tf.train.Example protos.
 
-  features: name -> array of shape (n,) or (n, k), the same n for all.
+  features: name -> array of shape (n,) or (n, k), the same n for all. A
+  floating dtype (float16/32/64) becomes a float_list of float32 values;
+  any other dtype an int64_list of non-negative ints.
   Returns (buffer, offsets) as `encode_varint_rows`.
 
-  Wire format of one row:
+  Wire format of one row, features in sorted name order:
     Example     = 0x0A len(Features) Features
     Features    = for each feature: 0x0A len(Entry) Entry    (map entry)
     Entry       = 0x0A len(key) key-bytes 0x12 len(Feature) Feature
     Feature     = 0x1A len(Int64List) Int64List              (int64_list)
+                | 0x12 len(FloatList) FloatList              (float_list)
     Int64List   = 0x0A len(packed) packed-varints            (packed values)
-  Tags and keys are the same in every row (literals); lengths and values
-  are per-row varints.
+    FloatList   = 0x0A 4k k-little-endian-float32s           (packed values)
+  Tags and keys are the same in every row (literals); lengths and int
+  values are per-row varints; float values are per-row literal bytes.
   """
   return _rows_and_offsets(*_encode_rows(*_example_template(features)))
 
@@ -135,36 +163,63 @@ def _le_bytes(values: np.ndarray) -> np.ndarray:
   return values.astype("<u4").view(np.uint8).reshape(len(values), 4)
 
 
-def _example_template(features: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[bytes]]:
-  """Per-row varint tokens and the constant bytes around them (see encode_examples)."""
+def _example_template(features: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[Literal]]:
+  """Per-row varint tokens and the literal bytes around them (see encode_examples)."""
   names = sorted(features)
   if not names:
     raise ValueError("no features")
   n = len(features[names[0]])
-  blocks, literals = [], [b"\x0A"]  # Example.features tag, then its length
+  parts = []  # of the Features message: literals, and (n, m) int64 token blocks
   features_len = np.zeros(n, dtype=np.int64)
   for name in names:
-    values = np.asarray(features[name]).reshape(n, -1).astype(np.int64, copy=False)
+    values = np.asarray(features[name]).reshape(n, -1)
     if len(values) != n:
       raise ValueError(f"feature {name!r} has {len(values)} rows, expected {n}")
-    if values.size and values.min() < 0:
-      raise ValueError(f"feature {name!r} has negative values; only ids >= 0 are encoded")
     key = name.encode("ascii")
     if max(key) >= 0x80 or len(key) >= 0x80:
       raise ValueError(f"feature name {name!r} must be short ASCII")
-    packed_len = varint_sizes(values).sum(axis=1, dtype=np.int64)
+    if np.issubdtype(values.dtype, np.floating):
+      # Packed floats are fixed-width raw bytes: one literal per row, and
+      # every length around them is the same in all rows.
+      values = values.astype("<f4")
+      list_tag, payload = b"\x12", values.view(np.uint8)
+      packed_len = np.full(n, payload.shape[1], dtype=np.int64)
+    else:
+      values = values.astype(np.int64, copy=False)
+      if values.size and values.min() < 0:
+        raise ValueError(f"feature {name!r} has negative values; only ids >= 0 are encoded")
+      list_tag, payload = b"\x1A", values
+      packed_len = varint_sizes(values).sum(axis=1, dtype=np.int64)
     list_len = 1 + varint_sizes(packed_len) + packed_len
     feature_len = 1 + varint_sizes(list_len) + list_len
     entry_len = 2 + len(key) + 1 + varint_sizes(feature_len) + feature_len
     features_len += 1 + varint_sizes(entry_len) + entry_len
-    blocks += [entry_len[:, None], feature_len[:, None], list_len[:, None], packed_len[:, None],
-               values]
-    # Literal before each token: entry tag | key tag, key length, key, value
-    # tag | int64_list tag | packed-values tag | nothing between values.
-    literals += [b"\x0A", b"\x0A" + bytes([len(key)]) + key + b"\x12", b"\x1A", b"\x0A"]
-    literals += [b""] * values.shape[1]
-  literals.append(b"")  # nothing after the last value
-  return np.concatenate([features_len[:, None]] + blocks, axis=1), literals
+    parts += [b"\x0A", entry_len[:, None],  # map entry
+              b"\x0A" + bytes([len(key)]) + key + b"\x12", feature_len[:, None],  # key, value
+              list_tag, list_len[:, None],  # int64_list or float_list
+              b"\x0A", packed_len[:, None],  # packed values
+              payload]
+  return _interleave(n, [b"\x0A", features_len[:, None]] + parts)
+
+
+def _interleave(n: int, parts: list) -> tuple[np.ndarray, list[Literal]]:
+  """Splits parts into the (tokens, literals) of `_encode_rows`.
+
+  A part is constant bytes, a per-row uint8 literal matrix, or an (n, m)
+  int64 block of m tokens. Adjacent literals are joined and adjacent tokens
+  get an empty literal between them, as `_encode_rows` alternates the two.
+  """
+  blocks, literals, pending = [], [], []
+  for part in parts:
+    if isinstance(part, bytes) or part.dtype == np.uint8:
+      pending.append(part)
+      continue
+    for _ in range(part.shape[1]):
+      literals.append(_join_literals(pending, n))
+      pending = []
+    blocks.append(part)
+  literals.append(_join_literals(pending, n))
+  return np.concatenate(blocks, axis=1), literals
 
 
 def _crc32c_table() -> np.ndarray:

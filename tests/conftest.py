@@ -55,3 +55,32 @@ def small_trainer_config(data_dir, model_dir, **overrides):
                        checkpoint_every_steps=2, eval_topk=(5, 10), eval_batch_size=64,
                        warmup_steps=1, jit_compile=False, shuffle_buffer=256)
   return dataclasses.replace(base, **overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_data, tmp_path_factory):
+  """A sasrec trained a few steps on the tiny data, exported, evaluated on test."""
+  from trainer import train_lib
+  model_dir = tmp_path_factory.mktemp("tiny_model") / "m"
+  config = small_trainer_config(tiny_data.data_dir, model_dir, train_steps=20,
+                                eval_split="test", eval_topk=(5, 10))
+  train_lib.train(config, tiny_data)
+  return model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_ranking(tiny_data, tiny_export, tmp_path_factory):
+  """The real chain on the tiny data: retrieval of the valid and the test lists
+  (top 20) by the tiny sasrec -> ranking data (history 6, 5 negatives per user)."""
+  from preprocess import ranking
+  from retrieval import job
+  root = tmp_path_factory.mktemp("tiny_ranking")
+  outs = []
+  for split in ("valid", "test"):
+    job.run(job.RetrievalConfig(data_dir=str(tiny_data.data_dir), model_dir=str(tiny_export),
+                                output_dir=str(root / split), topk=20, eval_split=split,
+                                eval_topk=(5, 10)))
+    outs.append(str(root / split))
+  return ranking.run(ranking.RankingConfig(
+      data_dir=str(tiny_data.data_dir), candidates=tuple(outs), output_dir=str(root / "data"),
+      max_hist_len=6, negatives_per_user=5, num_shards=2))

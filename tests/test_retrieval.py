@@ -17,7 +17,6 @@ from retrieval import index as index_lib
 from retrieval import job
 from retrieval import metrics
 from retrieval import search as search_lib
-from tests.conftest import small_trainer_config
 
 
 def brute_force(queries, vectors, seen_lists, topk):
@@ -155,17 +154,6 @@ def test_overlap_counts_shared_items_over_the_reference():
 
 
 # ---- the job on a trained export -------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tiny_export(tiny_data, tmp_path_factory):
-  """A sasrec trained a few steps on the tiny data, exported, evaluated on test."""
-  from trainer import train_lib
-  model_dir = tmp_path_factory.mktemp("tiny_model") / "m"
-  config = small_trainer_config(tiny_data.data_dir, model_dir, train_steps=20,
-                                eval_split="test", eval_topk=(5, 10))
-  train_lib.train(config, tiny_data)
-  return model_dir
 
 
 def job_config(data, model_dir, out, **overrides):

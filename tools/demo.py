@@ -2,6 +2,8 @@
 
   synthetic log (news schema) -> preprocess (windows, valid/test holdout)
   -> baselines -> trainer sasrec, two_tower -> retrieval (flat, ivf) of sasrec
+  -> ranking data (sasrec's valid lists train the ranker, its test lists
+     evaluate it) -> trainer dien -> reranked test lists and their metrics
 
 Each stage runs the installed binary, as a user would.
 """
@@ -18,7 +20,8 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("work_dir", "build/demo", "Where the demo writes (replaced on each run).")
 flags.DEFINE_string("preset", "demo", "Synthetic preset (see preprocess/synthetic.py).")
-flags.DEFINE_integer("epochs", 10, "Trainer epochs per model.")
+flags.DEFINE_integer("epochs", 10, "Trainer epochs per retrieval model.")
+flags.DEFINE_integer("ranker_epochs", 3, "Trainer epochs of the dien ranker.")
 
 TOOLS = Path(__file__).resolve().parent
 
@@ -75,15 +78,32 @@ def main(argv):
     trained[model] = json.loads((model_dir / "metrics.json").read_text())
 
   retrieved = {}
-  for kind in ("flat", "ivf"):
-    out = work / "retrieval" / kind
-    result = stage(f"retrieval {kind}", [
+  for kind, split in (("flat", "test"), ("ivf", "test"), ("flat", "valid")):
+    out = work / "retrieval" / f"{kind}_{split}"
+    result = stage(f"retrieval {kind} {split}", [
         binary("retrieval"), f"--data_dir={data}", f"--model_dir={work / 'models' / 'sasrec'}",
-        f"--output_dir={out}", f"--index={kind}", "--eval_split=test", "--topk=100",
+        f"--output_dir={out}", f"--index={kind}", f"--eval_split={split}", "--topk=100",
         "--overwrite"])
     if result.returncode != 0:
-      sys.exit(f"demo: retrieval {kind} failed:\n{result.stderr[-2000:]}")
-    retrieved[f"sasrec+{kind}"] = json.loads((out / "metrics.json").read_text())
+      sys.exit(f"demo: retrieval {kind} {split} failed:\n{result.stderr[-2000:]}")
+    if split == "test":
+      retrieved[f"sasrec+{kind}"] = json.loads((out / "metrics.json").read_text())
+
+  ranking_data, ranker = work / "ranking_data", work / "models" / "dien"
+  if ranker.exists():
+    shutil.rmtree(ranker)
+  for name, cmd in [
+      ("ranking data", [binary("preprocess"), "--mode=ranking", f"--data_dir={data}",
+                        f"--candidates={work / 'retrieval' / 'flat_valid'},"
+                        f"{work / 'retrieval' / 'flat_test'}",
+                        f"--output_dir={ranking_data}", "--overwrite"]),
+      ("trainer dien", [binary("trainer"), "--model=dien", f"--data_dir={ranking_data}",
+                        f"--model_dir={ranker}", f"--epochs={FLAGS.ranker_epochs}",
+                        "--batch_size=256", "--emb_dim=32", "--evolution=augru"])]:
+    result = stage(name, cmd)
+    if result.returncode != 0:
+      sys.exit(f"demo: {name} failed:\n{result.stderr[-2000:]}")
+  reranked = json.loads((ranker / "metrics.json").read_text())
 
   manifest = json.loads((data / "manifest.json").read_text())
   counts = manifest["counts"]
@@ -99,6 +119,14 @@ def main(argv):
   print(f"   (sasrec+flat/ivf: top-100 candidates written for {ivf['users']} users by the "
         f"retrieval job; IVF nprobe {ivf['nprobe']}/{ivf['nlist']}, ANN recall@100 "
         f"{ivf['ann_recall@100']:.3f})")
+  print(f"\n== ranking: dien reranks sasrec's top-100 test lists ({reranked['users']} users, "
+        f"{reranked['users_with_positive']} with the test click among the candidates)")
+  print(f"   {'order':<14}{'AUC':>8}{'GAUC':>8}{'HR@5':>8}{'NDCG@5':>8}{'NDCG@10':>9}")
+  for name, prefix in (("retrieval", "retrieval_"), ("dien rerank", "")):
+    print(f"   {name:<14}{reranked[prefix + 'auc']:>8.4f}{reranked[prefix + 'gauc']:>8.4f}"
+          f"{reranked[prefix + 'hit_rate@5']:>8.4f}{reranked[prefix + 'ndcg@5']:>8.4f}"
+          f"{reranked[prefix + 'ndcg@10']:>9.4f}")
+  print(f"   (reranked lists: {ranker / 'reranked_candidates.parquet'})")
 
 
 if __name__ == "__main__":

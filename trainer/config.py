@@ -15,7 +15,9 @@ from typing import Any
 from preprocess import manifest as mf
 from preprocess.errors import ConfigError, DataError
 
-MODELS = ("sasrec", "two_tower")
+MODELS = ("sasrec", "two_tower", "dien")
+RANKING_MODELS = ("dien",)  # trained on ranking data (preprocess --mode=ranking)
+EVOLUTIONS = ("aigru", "augru")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 LR_SCHEDULES = ("constant", "cosine")
 CONFIG_FILE = "trainer_config.json"
@@ -24,7 +26,7 @@ CONFIG_FILE = "trainer_config.json"
 MAX_LOGITS = 2**26
 # Fields that define the variables a checkpoint holds.
 ARCHITECTURE_FIELDS = ("model", "emb_dim", "num_heads", "num_blocks", "ff_dim", "tower_units",
-                       "mixed_precision")
+                       "mixed_precision", "gru_units", "evolution", "aux_loss_weight")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +53,12 @@ class TrainerConfig:
   ff_dim: int = 128
   dropout: float = 0.2
   temperature: float = 0.05
-  tower_units: tuple[int, ...] = (128, 64)  # two_tower MLP hidden layers (then emb_dim)
+  tower_units: tuple[int, ...] = (128, 64)  # two_tower tower / dien top MLP hidden layers
+  # dien (the ranker).
+  gru_units: int = 32
+  evolution: str = "aigru"  # the notebook's; "augru": attention in the update gate (paper)
+  aux_loss_weight: float = 0.0  # > 0: the paper's auxiliary loss on the interest extractor
+  rank_eval_topk: tuple[int, ...] = (5, 10)
   # Loss.
   symmetric_loss: bool = False
   cross_replica_negatives: bool = True
@@ -93,7 +100,7 @@ def known_replica_count(config: TrainerConfig) -> int | None:
   return None  # GPU counts and multi-worker clusters are checked once TF is up
 
 
-def validate(config: TrainerConfig) -> mf.Manifest:
+def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
   """Checks every flag against the others and the data; returns the manifest."""
   def bad(message: str):
     raise ConfigError(message)
@@ -120,6 +127,14 @@ def validate(config: TrainerConfig) -> mf.Manifest:
     bad("--symmetric_loss needs the full in-batch pool (--num_negatives=0)")
   if config.epochs == 0 and config.train_steps == 0:
     bad("--epochs=0 and --train_steps=0: nothing to train")
+  if config.evolution not in EVOLUTIONS:
+    bad(f"--evolution={config.evolution!r}: choose from {', '.join(EVOLUTIONS)}")
+  if config.gru_units < 1:
+    bad(f"--gru_units={config.gru_units}: must be >= 1")
+  if config.aux_loss_weight < 0:
+    bad(f"--aux_loss_weight={config.aux_loss_weight}: must be >= 0")
+  if not config.rank_eval_topk or min(config.rank_eval_topk) < 1:
+    bad(f"--rank_eval_topk={','.join(map(str, config.rank_eval_topk))}: cut-offs must be >= 1")
   if config.model == "sasrec" and config.emb_dim % config.num_heads:
     bad(f"--emb_dim={config.emb_dim} is not divisible by --num_heads={config.num_heads}")
   if not 0.0 <= config.dropout < 1.0:
@@ -142,6 +157,13 @@ def validate(config: TrainerConfig) -> mf.Manifest:
   if replicas and config.batch_size % replicas:
     bad(f"--batch_size={config.batch_size} is not divisible by the {replicas} replicas")
 
+  if config.model in RANKING_MODELS:
+    try:
+      manifest = mf.load_ranking(config.data_dir)
+    except DataError as e:
+      bad(f"--data_dir: {e}")
+    _check_saved_config(config)
+    return manifest
   try:
     manifest = mf.load(config.data_dir)
   except DataError as e:

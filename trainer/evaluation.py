@@ -52,7 +52,8 @@ class Evaluator:
     self.history = queries.last_items(manifest.max_seq_len)[0]
     self.num_items = manifest.vocab_sizes["items"]
 
-  def evaluate(self, model: RetrievalModel) -> dict:
+  def evaluate(self, model: RetrievalModel, reranked_dir=None) -> dict:
+    del reranked_dir  # the ranking evaluator's; retrieval lists are the retrieval job's
     item_vectors = _all_item_vectors(model, self.num_items)
     rank_fn = self._rank_function(model)
     q = self.queries
@@ -75,6 +76,12 @@ class Evaluator:
                   else "full", num_items=self.num_items - 1,
                   targets_already_seen=int(_targets_seen(q)))
     return result
+
+  def headline(self, result: dict) -> str:
+    k = min(self.ks)
+    return (f"{result['split']} HR@{k} {result[f'hit_rate@{k}']:.4f} "
+            f"NDCG@{k} {result[f'ndcg@{k}']:.4f} ({result['protocol']} ranking, "
+            f"{result['num_users']} users)")
 
   def _rank_function(self, model: RetrievalModel):
     negatives = self.negatives

@@ -10,6 +10,17 @@
     item_embeddings.npy    float32 [num_items, emb_dim]; row i = item index i (row 0,
                            padding, is zeros); raw ids: the data's vocab/items.parquet
 
+The ranker (dien) exports instead:
+
+  model_dir/export/
+    export_manifest.json   RankerExportInfo: model, max_hist_len, dense feature order, ...
+    ranker/                SavedModel, signature serving_default:
+                             user [None] int64, history [None, max_hist_len] int64 (left-padded),
+                             candidate [None] int64 item index, dense [None, F] float32 raw
+                             features in export_manifest's dense_features order (the model
+                             standardises them)
+                           -> score [None] float32 click probability, logit [None] float32
+
 The data fingerprint (SHA-256 of vocab/items.parquet) lets the retrieval job
 refuse a data directory whose vocabulary differs from the model's. The
 export directory is replaced atomically.
@@ -23,12 +34,13 @@ import tensorflow as tf
 
 from preprocess import manifest as mf
 from preprocess.fileio import atomic_directory, write_json_atomic
-from trainer.export_info import (EXPORT_DIR, EXPORT_MANIFEST, ITEM_EMBEDDINGS, USER_TOWER,
-                                 ExportInfo, data_fingerprint, load_info)
+from trainer.export_info import (EXPORT_DIR, EXPORT_MANIFEST, ITEM_EMBEDDINGS, RANKER,
+                                 USER_TOWER, ExportInfo, RankerExportInfo, data_fingerprint,
+                                 load_info)
 from trainer.models import RetrievalModel
 
 __all__ = ["EXPORT_DIR", "EXPORT_MANIFEST", "ITEM_EMBEDDINGS", "USER_TOWER", "ExportInfo",
-           "data_fingerprint", "export", "load_info"]
+           "data_fingerprint", "export", "export_ranker", "load_info"]
 
 
 class UserTower(tf.Module):
@@ -63,5 +75,40 @@ def export(model: RetrievalModel, model_name: str, manifest: mf.Manifest, model_
     tower = UserTower(model, manifest.max_seq_len)
     tf.saved_model.save(tower, str(tmp / USER_TOWER), signatures={"serving_default": tower.serve})
     np.save(tmp / ITEM_EMBEDDINGS, vectors)
+    write_json_atomic(tmp / EXPORT_MANIFEST, dataclasses.asdict(info))
+  return target
+
+
+class Ranker(tf.Module):
+  """The ranker's serving module: (user, history, candidate, raw dense) -> click probability."""
+
+  def __init__(self, model, max_hist_len: int, num_dense: int):
+    super().__init__()
+    self.model = model
+    self.serve = tf.function(
+        self._serve, input_signature=[
+            tf.TensorSpec([None], tf.int64, name="user"),
+            tf.TensorSpec([None, max_hist_len], tf.int64, name="history"),
+            tf.TensorSpec([None], tf.int64, name="candidate"),
+            tf.TensorSpec([None, num_dense], tf.float32, name="dense")])
+
+  def _serve(self, user, history, candidate, dense):
+    inputs = {mf.FEATURE_USER: tf.cast(user, tf.int32),
+              mf.FEATURE_HISTORY: tf.cast(history, tf.int32),
+              mf.FEATURE_CANDIDATE: tf.cast(candidate, tf.int32), mf.FEATURE_DENSE: dense}
+    logit = tf.cast(self.model.forward(inputs, training=False)[0], tf.float32)
+    return {"score": tf.sigmoid(logit), "logit": logit}
+
+
+def export_ranker(model, manifest: mf.RankingManifest, model_dir: Path, global_step: int) -> Path:
+  info = RankerExportInfo(model="dien", max_hist_len=manifest.max_hist_len,
+                          dense_features=tuple(manifest.dense_features),
+                          num_items=manifest.vocab_sizes["items"],
+                          num_users=manifest.vocab_sizes["users"], data_dir=str(manifest.data_dir),
+                          data_fingerprint=data_fingerprint(manifest), global_step=global_step)
+  target = Path(model_dir) / EXPORT_DIR
+  with atomic_directory(target, overwrite=True) as tmp:
+    module = Ranker(model, manifest.max_hist_len, len(manifest.dense_features))
+    tf.saved_model.save(module, str(tmp / RANKER), signatures={"serving_default": module.serve})
     write_json_atomic(tmp / EXPORT_MANIFEST, dataclasses.asdict(info))
   return target

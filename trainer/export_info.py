@@ -1,6 +1,7 @@
 """What the trainer's export directory holds: read without TensorFlow.
 
-trainer/export.py writes it; the retrieval job reads it through `load_info`.
+trainer/export.py writes it; the retrieval job reads it through `load_info`
+(retrieval models), ranking users through `load_ranker_info` (dien).
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ EXPORT_DIR = "export"
 EXPORT_MANIFEST = "export_manifest.json"
 USER_TOWER = "user_tower"
 ITEM_EMBEDDINGS = "item_embeddings.npy"
+RANKER = "ranker"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +33,20 @@ class ExportInfo:
   item_embeddings: str = ITEM_EMBEDDINGS
 
 
-def data_fingerprint(manifest: mf.Manifest) -> str:
+@dataclasses.dataclass(frozen=True)
+class RankerExportInfo:
+  model: str
+  max_hist_len: int
+  dense_features: tuple[str, ...]  # order of the `dense` input (raw values)
+  num_items: int
+  num_users: int
+  data_dir: str
+  data_fingerprint: str
+  global_step: int
+  ranker: str = RANKER
+
+
+def data_fingerprint(manifest: mf.Manifest | mf.RankingManifest) -> str:
   """SHA-256 of the data's item vocabulary: a model only fits data with the same one."""
   return sha256_file(manifest.path(mf.ITEMS_FILE))
 
@@ -42,7 +57,31 @@ def load_info(model_dir: Path | str) -> ExportInfo:
   if not path.is_file():
     raise DataError(f"{Path(model_dir)}: no {EXPORT_DIR}/{EXPORT_MANIFEST} (not a trainer "
                     "model_dir, or training has not finished)")
+  d = _read(path)
+  if d.get("model") == "dien":
+    raise DataError(f"{Path(model_dir)}: holds a ranker (dien), not a retrieval model")
   try:
-    return ExportInfo(**json.loads(path.read_text()))
-  except (ValueError, TypeError) as e:
+    return ExportInfo(**d)
+  except TypeError as e:
+    raise DataError(f"{path}: malformed export manifest ({e})") from e
+
+
+def load_ranker_info(model_dir: Path | str) -> RankerExportInfo:
+  path = Path(model_dir) / EXPORT_DIR / EXPORT_MANIFEST
+  if not path.is_file():
+    raise DataError(f"{Path(model_dir)}: no {EXPORT_DIR}/{EXPORT_MANIFEST} (not a trainer "
+                    "model_dir, or training has not finished)")
+  d = _read(path)
+  if d.get("model") != "dien":
+    raise DataError(f"{Path(model_dir)}: holds a retrieval model ({d.get('model')}), not a ranker")
+  try:
+    return RankerExportInfo(**{**d, "dense_features": tuple(d["dense_features"])})
+  except (KeyError, TypeError) as e:
+    raise DataError(f"{path}: malformed export manifest ({e})") from e
+
+
+def _read(path: Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
     raise DataError(f"{path}: malformed export manifest ({e})") from e

@@ -25,11 +25,13 @@ from preprocess import manifest as mf
 from preprocess.errors import DataError
 
 
-def parse_batch(serialized: tf.Tensor, feature_shapes: dict[str, tuple[int, ...]]) -> dict:
-  """A batch of serialized tf.train.Examples -> dict of int32 tensors."""
-  spec = {name: tf.io.FixedLenFeature(shape, tf.int64) for name, shape in feature_shapes.items()}
+def parse_batch(serialized: tf.Tensor, feature_specs: dict[str, mf.FeatureSpec]) -> dict:
+  """A batch of serialized tf.train.Examples -> dict of int32 (ids) / float32 tensors."""
+  spec = {name: tf.io.FixedLenFeature(s.shape, tf.float32 if s.dtype == "float32" else tf.int64)
+          for name, s in feature_specs.items()}
   parsed = tf.io.parse_example(serialized, spec)
-  return {name: tf.cast(value, tf.int32) for name, value in parsed.items()}
+  return {name: value if value.dtype == tf.float32 else tf.cast(value, tf.int32)
+          for name, value in parsed.items()}
 
 
 def split_files(manifest: mf.Manifest, split: str, pipeline_id: int,
@@ -59,7 +61,7 @@ def steps_per_epoch(manifest: mf.Manifest, global_batch_size: int, num_replicas:
 @dataclasses.dataclass
 class TrainReader:
   """Callable: InputContext -> infinite dataset of parsed per-replica batches."""
-  manifest: mf.Manifest
+  manifest: mf.Manifest | mf.RankingManifest
   global_batch_size: int
   seed: int
   steps_per_epoch: int
@@ -93,7 +95,7 @@ class TrainReader:
     dataset = (tf.data.Dataset.range(first_epoch, 2**62)
                .flat_map(epoch)
                .skip(skip_steps * local_replicas)  # before parsing: skipped batches stay cheap
-               .map(lambda b: parse_batch(b, self.manifest.feature_shapes),
+               .map(lambda b: parse_batch(b, self.manifest.feature_specs),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                .prefetch(tf.data.AUTOTUNE))
     options = tf.data.Options()

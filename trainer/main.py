@@ -1,7 +1,8 @@
-"""trainer: trains a retrieval model on a preprocess output directory.
+"""trainer: trains a retrieval model or the ranker on a preprocess output directory.
 
   trainer --model=sasrec --data_dir=OUT --model_dir=MODEL
   trainer --model=two_tower --data_dir=OUT --model_dir=MODEL --strategy=mirrored
+  trainer --model=dien --data_dir=RANK_OUT --model_dir=RANKER   # preprocess --mode=ranking data
   trainer --flagfile=configs/ml1m_sasrec.flags
 
 Re-running the same command resumes from the latest checkpoint. Flags are
@@ -43,7 +44,16 @@ flags.DEFINE_integer("ff_dim", _D.ff_dim, "sasrec: feed-forward width.")
 flags.DEFINE_float("dropout", _D.dropout, "Dropout rate.")
 flags.DEFINE_float("temperature", _D.temperature, "Softmax temperature on cosine scores.")
 flags.DEFINE_list("tower_units", list(map(str, _D.tower_units)),
-                  "two_tower: hidden layer widths of both towers.")
+                  "two_tower: hidden layer widths of both towers; dien: of the top MLP.")
+flags.DEFINE_integer("gru_units", _D.gru_units, "dien: GRU state size (extractor and evolution).")
+flags.DEFINE_enum("evolution", _D.evolution, list(config_lib.EVOLUTIONS),
+                  "dien: aigru (attention scales the GRU input, the notebook) or augru "
+                  "(attention scales the update gate, the DIEN paper's best).")
+flags.DEFINE_float("aux_loss_weight", _D.aux_loss_weight,
+                   "dien: weight of the auxiliary next-click loss on the interest extractor "
+                   "(0: off; the paper uses 1).")
+flags.DEFINE_list("rank_eval_topk", list(map(str, _D.rank_eval_topk)),
+                  "dien: HitRate/NDCG cut-offs of the reranked lists.")
 flags.DEFINE_boolean("symmetric_loss", _D.symmetric_loss, "Add the item->user softmax.")
 flags.DEFINE_boolean("cross_replica_negatives", _D.cross_replica_negatives,
                      "Gather negatives from all replicas (the global batch).")
@@ -80,7 +90,7 @@ def config_from_flags() -> config_lib.TrainerConfig:
   values = {}
   for field in config_lib.TrainerConfig.__dataclass_fields__:
     value = getattr(FLAGS, field)
-    if field in ("tower_units", "eval_topk"):
+    if field in ("tower_units", "eval_topk", "rank_eval_topk"):
       value = cli.int_tuple(value, field)
     values[field] = value if value is not None else ""
   return config_lib.TrainerConfig(**values)
@@ -108,10 +118,8 @@ def main(argv):
   if result.interrupted:
     print(f"trainer: stopped by SIGTERM at step {result.global_step}; checkpoint saved")
   elif result.metrics is not None:
-    k = min(config.eval_topk)
-    print(f"trainer: step {result.global_step}, {result.metrics['split']} "
-          f"HR@{k} {result.metrics[f'hit_rate@{k}']:.4f} "
-          f"NDCG@{k} {result.metrics[f'ndcg@{k}']:.4f} ({config.model_dir}/metrics.json)")
+    print(f"trainer: step {result.global_step}, {result.headline} "
+          f"({config.model_dir}/metrics.json)")
 
 
 def run():

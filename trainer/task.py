@@ -1,10 +1,15 @@
-"""The retrieval task: a parsed batch -> the in-batch softmax loss.
+"""Tasks: a parsed batch -> this replica's share of the global mean loss.
+
+RetrievalTask (sasrec, two_tower): the in-batch softmax loss.
 
 positions data (and --noall_positions): one query per example, the last
 position, whose positive is the example's target (the notebooks).
 windows data with --all_positions: every real position j of the window is a
 query whose positive is the next click (history[j + 1], or the target at the
 last position), so each training click is predicted once per epoch.
+
+RankingTask (dien): binary cross-entropy of the click label of each (user,
+candidate) example, plus --aux_loss_weight times DIEN's auxiliary loss.
 """
 
 import numpy as np
@@ -17,6 +22,17 @@ from trainer.losses import InBatchSoftmaxLoss
 from trainer.models import RetrievalModel
 
 
+def step_seed(seed: int, step: tf.Tensor | int) -> tf.Tensor:
+  """[2] int64 keying dropout and sampling of one step on one replica.
+
+  A function of (seed, step, replica) only, so a resumed run repeats it.
+  """
+  ctx = tf.distribute.get_replica_context()
+  replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+  return tf.stack([tf.constant(seed, tf.int64),
+                   tf.cast(step, tf.int64) * 4096 + tf.cast(replica, tf.int64)])
+
+
 def item_log_q(manifest: mf.Manifest) -> np.ndarray:
   """log P(item is a training target): the in-batch candidate distribution."""
   counts = pq.read_table(manifest.path(mf.ITEMS_FILE), columns=[mf.ITEM_FREQUENCY_COLUMN])
@@ -26,6 +42,7 @@ def item_log_q(manifest: mf.Manifest) -> np.ndarray:
 
 
 class RetrievalTask:
+  cross_replica_negatives: bool
 
   def __init__(self, config: TrainerConfig, manifest: mf.Manifest, model: RetrievalModel):
     self.model = model
@@ -39,6 +56,7 @@ class RetrievalTask:
         cross_replica=config.cross_replica_negatives,
         num_negatives=config.num_negatives)
     self.seed = config.seed
+    self.cross_replica_negatives = config.cross_replica_negatives
 
   def compute_loss(self, batch: dict[str, tf.Tensor], training: bool = True,
                    step: tf.Tensor | int = 0) -> tf.Tensor:
@@ -47,11 +65,7 @@ class RetrievalTask:
     `step` seeds dropout and the negative pool, so a resumed run repeats them.
     """
     history, target = batch[mf.FEATURE_HISTORY], batch[mf.FEATURE_TARGET]
-    ctx = tf.distribute.get_replica_context()
-    replica = ctx.replica_id_in_sync_group if ctx is not None else 0
-    # (seed, step, replica) keys the dropout masks and the negative pool.
-    seed = tf.stack([tf.constant(self.seed, tf.int64),
-                     tf.cast(step, tf.int64) * 4096 + tf.cast(replica, tf.int64)])
+    seed = step_seed(self.seed, step)  # keys the dropout masks and the negative pool
     if self.all_positions:
       queries = self.model.query_sequence(history, batch[mf.FEATURE_USER], training=training,
                                           seed=seed)
@@ -69,3 +83,32 @@ class RetrievalTask:
     candidates = self.model.item_vectors(positives, training=training, seed=seed)
     return self.loss(queries, candidates, positives, weights, tf.gather(self.log_q, positives),
                      seed=seed)
+
+
+class RankingTask:
+  """Pointwise click-through loss of the ranker over (user, candidate) examples."""
+  cross_replica_negatives = False
+
+  def __init__(self, config: TrainerConfig, manifest: mf.RankingManifest, model):
+    del manifest
+    self.model = model
+    self.seed = config.seed
+    self.aux_loss_weight = config.aux_loss_weight
+
+  def compute_loss(self, batch: dict[str, tf.Tensor], training: bool = True,
+                   step: tf.Tensor | int = 0) -> tf.Tensor:
+    seed = step_seed(self.seed, step)
+    logits, aux_loss = self.model.forward(batch, training=training, seed=seed)
+    labels = tf.cast(batch[mf.FEATURE_LABEL], tf.float32)
+    bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
+    ctx = tf.distribute.get_replica_context()
+    replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+    # Replica batches are equal, so the shares sum to the global mean.
+    share = tf.reduce_mean(bce) + self.aux_loss_weight * aux_loss
+    return share / tf.cast(replicas, tf.float32)
+
+
+def create(config: TrainerConfig, manifest, model):
+  if config.model == "dien":
+    return RankingTask(config, manifest, model)
+  return RetrievalTask(config, manifest, model)

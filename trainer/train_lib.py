@@ -34,9 +34,9 @@ from absl import logging
 from preprocess import manifest as mf
 from preprocess.fileio import write_json_atomic
 from trainer import config as config_lib
-from trainer import evaluation, export, input_pipeline, models, strategies
+from trainer import evaluation, export, input_pipeline, models, ranking_eval, strategies
+from trainer import task as task_lib
 from trainer.config import TrainerConfig
-from trainer.task import RetrievalTask
 
 CHECKPOINT_DIR = "checkpoints"
 WORKER_TMP_DIR = "worker_tmp"  # non-chief workers' checkpoints, removed at the end
@@ -52,6 +52,7 @@ class RunResult:
   global_step: int
   interrupted: bool
   metrics: dict | None
+  headline: str = ""  # the final evaluation in one line
 
 
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -83,6 +84,25 @@ def data_spec(manifest: mf.Manifest) -> models.DataSpec:
       num_items=manifest.vocab_sizes["items"], num_users=manifest.vocab_sizes["users"],
       num_categories=manifest.vocab_sizes["categories"], max_seq_len=manifest.max_seq_len,
       item_category=category.column(0).to_numpy().astype(np.int32))
+
+
+def build_model(config: TrainerConfig, manifest):
+  """The model of --model with its variables created (call inside the strategy scope)."""
+  if config.model not in config_lib.RANKING_MODELS:
+    return models.build(config, data_spec(manifest))
+  from trainer.dien import DIEN
+  category = pq.read_table(manifest.path(mf.ITEMS_FILE), columns=["category"])
+  model = DIEN(num_items=manifest.vocab_sizes["items"], num_users=manifest.vocab_sizes["users"],
+               num_categories=manifest.vocab_sizes["categories"],
+               item_category=category.column(0).to_numpy().astype(np.int32),
+               max_hist_len=manifest.max_hist_len,
+               dense_mean=np.asarray(manifest.dense_mean, np.float32),
+               dense_var=np.asarray(manifest.dense_var, np.float32), emb_dim=config.emb_dim,
+               gru_units=config.gru_units, evolution=config.evolution,
+               mlp_units=config.tower_units, dropout=config.dropout,
+               aux_loss=config.aux_loss_weight > 0, name=config.model)
+  model.build_variables()
+  return model
 
 
 def _num_input_pipelines(strategy: tf.distribute.Strategy) -> int:
@@ -146,7 +166,7 @@ class Trainer:
                                                           self.num_pipelines)
     self.total_steps = config.train_steps or config.epochs * self.steps_per_epoch
     with self.strategy.scope():
-      self.model = models.build(config, data_spec(manifest))
+      self.model = build_model(config, manifest)
       schedule = WarmupSchedule(config.learning_rate, config.warmup_steps, self.total_steps,
                                 config.lr_schedule)
       optimizer = keras.optimizers.Adam(learning_rate=schedule)
@@ -154,7 +174,7 @@ class Trainer:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
       self.optimizer = optimizer
       self.optimizer.build(self.model.trainable_variables)
-    self.task = RetrievalTask(config, manifest, self.model)
+    self.task = task_lib.create(config, manifest, self.model)
     # No RNG state to save: dropout masks and negative pools are functions of
     # (seed, step, replica) (models.SeededDropout).
     self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
@@ -196,7 +216,7 @@ class Trainer:
     # all_gather inside a nested XLA function cannot reach the cross-replica
     # context ("merge_call called while defining a new graph"), so with
     # gathered negatives over several replicas the step runs without XLA.
-    gathers = self.task.loss.cross_replica and strategy.num_replicas_in_sync > 1
+    gathers = self.task.cross_replica_negatives and strategy.num_replicas_in_sync > 1
     if self.config.jit_compile and gathers:
       logging.info("jit_compile: off for the step (cross-replica negatives on %d replicas)",
                    strategy.num_replicas_in_sync)
@@ -219,8 +239,11 @@ class Trainer:
 
     return train_loop
 
-  def _evaluator(self, max_users: int) -> evaluation.Evaluator:
+  def _evaluator(self, max_users: int):
     c = self.config
+    if c.model in config_lib.RANKING_MODELS:
+      return ranking_eval.RankingEvaluator(self.manifest, c.rank_eval_topk, c.eval_batch_size,
+                                           max_users, c.seed)
     return evaluation.Evaluator(self.manifest, c.eval_split, c.eval_topk, c.eval_negatives,
                                 c.eval_batch_size, max_users, c.seed)
 
@@ -279,27 +302,33 @@ class Trainer:
           self._save(step)
         if periodic_eval is not None and step % c.eval_every_steps == 0 and \
             step < self.total_steps and self.is_chief:
-          self._log_eval(periodic_eval.evaluate(self.model), step)
+          self._log_eval(periodic_eval, periodic_eval.evaluate(self.model), step)
         if stop.requested:
           self._save(step)
           logging.info("SIGTERM: saved a checkpoint at step %d; re-run to resume", step)
           interrupted = True
           break
     writer.flush()
-    result_metrics = None
+    result_metrics, headline = None, ""
     if not interrupted:
       self._save(step)
     if not self.is_chief:
       shutil.rmtree(self.model_dir / WORKER_TMP_DIR / f"worker_{self._task_id()}",
                     ignore_errors=True)
     elif not interrupted:
-      result_metrics = self._log_eval(self._evaluator(0).evaluate(self.model), step)
+      final_eval = self._evaluator(0)
+      result_metrics = self._log_eval(final_eval, final_eval.evaluate(
+          self.model, reranked_dir=self.model_dir), step)
+      headline = final_eval.headline(result_metrics)
       write_json_atomic(self.model_dir / METRICS_FILE,
                         {"model": c.model, "global_step": step, **result_metrics})
-      if c.export:
+      if c.export and c.model in config_lib.RANKING_MODELS:
+        path = export.export_ranker(self.model, self.manifest, self.model_dir, step)
+        logging.info("exported %s", path)
+      elif c.export:
         path = export.export(self.model, c.model, self.manifest, self.model_dir, step)
         logging.info("exported %s", path)
-    return RunResult(step, interrupted, result_metrics)
+    return RunResult(step, interrupted, result_metrics, headline)
 
   def _save(self, step: int) -> None:
     """Checkpoints `step` unless that step is already the latest checkpoint."""
@@ -307,11 +336,8 @@ class Trainer:
     if latest is None or not latest.endswith(f"-{step}"):
       self.manager.save(checkpoint_number=step)
 
-  def _log_eval(self, result: dict, step: int) -> dict:
-    k = min(self.config.eval_topk)
-    logging.info("eval %s (%s, %d users) at step %d: HR@%d %.4f NDCG@%d %.4f", result["split"],
-                 result["protocol"], result["num_users"], step, k, result[f"hit_rate@{k}"], k,
-                 result[f"ndcg@{k}"])
+  def _log_eval(self, evaluator, result: dict, step: int) -> dict:
+    logging.info("eval at step %d: %s", step, evaluator.headline(result))
     if self._eval_writer is None:
       self._eval_writer = tf.summary.create_file_writer(str(self.model_dir / "summaries" / "eval"))
     writer = self._eval_writer
