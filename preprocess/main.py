@@ -64,6 +64,9 @@ flags.DEFINE_integer("max_hist_len", _R.max_hist_len, "ranking: history length (
 flags.DEFINE_integer("negatives_per_user", _R.negatives_per_user,
                      "ranking: random negatives kept per training user (0: all); evaluation "
                      "keeps every candidate.")
+flags.DEFINE_enum("negative_sampling", _R.negative_sampling, list(ranking.NEGATIVE_SAMPLING),
+                  "ranking: which negatives a training user keeps: random, top (the best-ranked "
+                  "by retrieval) or mixed (half best-ranked, half random).")
 flags.DEFINE_float("eval_users_fraction", _R.eval_users_fraction,
                    "ranking, --holdout=last data: share of users held out for evaluation.")
 
@@ -90,6 +93,7 @@ def ranking_config_from_flags() -> ranking.RankingConfig:
       data_dir=FLAGS.data_dir or "", candidates=tuple(FLAGS.candidates),
       output_dir=FLAGS.output_dir or "", item_embeddings=FLAGS.item_embeddings,
       max_hist_len=FLAGS.max_hist_len, negatives_per_user=FLAGS.negatives_per_user,
+      negative_sampling=FLAGS.negative_sampling,
       eval_users_fraction=FLAGS.eval_users_fraction, num_shards=FLAGS.num_shards,
       compression=FLAGS.compression, seed=FLAGS.seed, overwrite=FLAGS.overwrite)
 

@@ -33,6 +33,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from preprocess.errors import DataError
 from preprocess.fileio import sha256_file, write_json_atomic
 
@@ -45,6 +47,8 @@ ITEMS_FILE = "vocab/items.parquet"
 USERS_FILE = "vocab/users.parquet"
 CATEGORIES_FILE = "vocab/categories.parquet"
 USER_HISTORIES_FILE = "user_histories.parquet"
+# Ranking data: the retrieval model's unit item vectors, row i = item index i.
+RANKING_ITEM_VECTORS_FILE = "item_embeddings.npy"
 
 TRAIN = "train"
 VALID = "valid"
@@ -74,6 +78,15 @@ RANK_EVAL = "eval"
 DENSE_FEATURES = ("recall_score", "recall_rank", "user_click_count", "user_unique_items",
                   "item_click_count", "words_count", "item_age_hours", "time_gap_hours",
                   "emb_sim_last", "is_same_category")
+# Counts and ranks are heavy-tailed: the ranker standardises log1p of them.
+LOG1P_FEATURES = ("recall_rank", "user_click_count", "user_unique_items", "item_click_count",
+                  "words_count")
+
+
+def dense_model_input(dense, log1p):
+  """What the ranker standardises: log1p(max(x, 0)) where `log1p`, else x (numpy)."""
+  dense = np.asarray(dense, np.float64)
+  return np.where(np.asarray(log1p, bool), np.log1p(np.maximum(dense, 0.0)), dense)
 
 # Parquet columns. Raw ids are int64 (null in the padding row); indices int32.
 ITEM_COLUMNS = ("index", "item_id", "category", "category_id", "created_at_ts",
@@ -303,7 +316,8 @@ class RankingManifest(_ShardedData):
 
   Files: manifest.json, vocab/items.parquet and vocab/users.parquet (copies
   of the source data's, so raw ids and the data fingerprint travel with the
-  examples), train/ and eval/ shards.
+  examples), item_embeddings.npy (the retrieval model's unit item vectors),
+  train/ and eval/ shards.
   """
   source: Mapping[str, Any]  # data_dir, candidates per split, item embeddings
   flags: Mapping[str, Any]
@@ -312,8 +326,10 @@ class RankingManifest(_ShardedData):
   eval_split: str  # which held-out click the eval examples' labels are (valid | test)
   compression: str
   dense_features: tuple[str, ...]
-  dense_mean: tuple[float, ...]  # over the training split
+  # Over the training split, of `dense_model_input` (log1p where dense_log1p).
+  dense_mean: tuple[float, ...]
   dense_var: tuple[float, ...]
+  dense_log1p: tuple[bool, ...]
   counts: Mapping[str, int]
   vocab_sizes: Mapping[str, int]  # items/users/categories, padding row included
   splits: Mapping[str, SplitInfo]
@@ -330,9 +346,10 @@ class RankingManifest(_ShardedData):
     d = dataclasses.asdict(self)
     del d["data_dir"]
     d["splits"] = _splits_to_json(self.splits)
-    d["dense_features"], d["dense_mean"], d["dense_var"] = (
-        list(self.dense_features), list(self.dense_mean), list(self.dense_var))
-    d["files"] = {"items": ITEMS_FILE, "users": USERS_FILE}
+    for name in ("dense_features", "dense_mean", "dense_var", "dense_log1p"):
+      d[name] = list(getattr(self, name))
+    d["files"] = {"items": ITEMS_FILE, "users": USERS_FILE,
+                  "item_embeddings": RANKING_ITEM_VECTORS_FILE}
     d["features"] = {name: {"dtype": spec.dtype, "shape": list(spec.shape)}
                      for name, spec in self.feature_specs.items()}
     return d
@@ -352,14 +369,17 @@ class RankingManifest(_ShardedData):
           dense_features=tuple(d["dense_features"]),
           dense_mean=tuple(float(x) for x in d["dense_mean"]),
           dense_var=tuple(float(x) for x in d["dense_var"]),
+          dense_log1p=tuple(bool(x) for x in d["dense_log1p"]),
           counts={k: int(v) for k, v in d["counts"].items()},
           vocab_sizes={k: int(v) for k, v in d["vocab_sizes"].items()},
           splits=_splits_from_json(d["splits"]), created_at=str(d.get("created_at", "")),
           data_dir=data_dir)
     except (KeyError, TypeError, ValueError) as e:
       raise DataError(f"{where}: malformed ranking manifest ({type(e).__name__}: {e})") from e
-    if not len(manifest.dense_features) == len(manifest.dense_mean) == len(manifest.dense_var):
-      raise DataError(f"{where}: dense_features, dense_mean and dense_var differ in length")
+    if len({len(manifest.dense_features), len(manifest.dense_mean), len(manifest.dense_var),
+            len(manifest.dense_log1p)}) != 1:
+      raise DataError(f"{where}: dense_features, dense_mean, dense_var and dense_log1p differ "
+                      "in length")
     return manifest
 
 
@@ -386,7 +406,7 @@ def load_ranking(data_dir: Path | str) -> RankingManifest:
     raise DataError(f"{data_dir / MANIFEST_FILE}: sequence examples, not ranking data (make "
                     "ranking data with preprocess --mode=ranking)")
   manifest = RankingManifest.from_json_dict(d, data_dir)
-  for relative in (ITEMS_FILE, USERS_FILE):
+  for relative in (ITEMS_FILE, USERS_FILE, RANKING_ITEM_VECTORS_FILE):
     if not (data_dir / relative).is_file():
       raise DataError(f"{data_dir / relative}: file named by the manifest is missing")
   return manifest

@@ -60,6 +60,7 @@ RETRIEVAL_JOB_FILE = "job.json"
 RETRIEVAL_SUCCESS_FILE = "_SUCCESS"
 RETRIEVAL_CANDIDATES_DIR = "candidates"
 CANDIDATE_COLUMNS = ("user_id", "article_id", "recall_score", "recall_rank")
+NEGATIVE_SAMPLING = ("random", "top", "mixed")
 HOURS_PER_UNIT = {"ms": 1 / 3_600_000, "s": 1 / 3600}  # "order" has no clock
 
 
@@ -72,6 +73,7 @@ class RankingConfig:
   item_embeddings: str = ""  # trainer model_dir or .npy; "": the retrieval job's model
   max_hist_len: int = 30
   negatives_per_user: int = 20  # 0: keep every negative
+  negative_sampling: str = "mixed"  # random | top | mixed (see cap_negatives)
   eval_users_fraction: float = 0.2  # --holdout=last data only
   num_shards: int = 4
   compression: str = "GZIP"
@@ -88,6 +90,9 @@ class RankingConfig:
       raise ConfigError("--output_dir is required")
     if self.max_hist_len < 1:
       raise ConfigError(f"--max_hist_len={self.max_hist_len}: must be >= 1")
+    if self.negative_sampling not in NEGATIVE_SAMPLING:
+      raise ConfigError(f"--negative_sampling={self.negative_sampling}: choose from "
+                        f"{', '.join(NEGATIVE_SAMPLING)}")
     if self.negatives_per_user < 0:
       raise ConfigError(f"--negatives_per_user={self.negatives_per_user}: must be >= 0")
     if not 0 < self.eval_users_fraction < 1:
@@ -282,19 +287,34 @@ def dense_features(ctx: UserContext, items: ItemFeatures, unit_embeddings: np.nd
   return np.stack([np.asarray(columns[name], np.float32) for name in mf.DENSE_FEATURES], axis=1)
 
 
-def cap_negatives(user: np.ndarray, label: np.ndarray, cap: int,
-                  rng: np.random.Generator) -> np.ndarray:
-  """Row mask: every positive, and at most `cap` random negatives per user (0: all)."""
+def _position_in_group(sorted_groups: np.ndarray) -> np.ndarray:
+  """0-based position of each element within its run of equal values."""
+  run_start = np.flatnonzero(np.concatenate([[True], sorted_groups[1:] != sorted_groups[:-1]]))
+  return np.arange(len(sorted_groups)) - np.repeat(
+      run_start, np.diff(np.append(run_start, len(sorted_groups))))
+
+
+def cap_negatives(user: np.ndarray, label: np.ndarray, rank: np.ndarray, cap: int,
+                  policy: str, rng: np.random.Generator) -> np.ndarray:
+  """Row mask: every positive, and at most `cap` negatives per user (0: all).
+
+  random: uniform; top: the best-ranked by retrieval (the hard ones that
+  decide the top of a reranked list); mixed: the best-ranked cap // 2 and
+  random ones for the rest.
+  """
   if cap == 0:
     return np.ones(len(user), bool)
   negative = np.flatnonzero(label == 0)
-  order = negative[np.lexsort((rng.random(len(negative)), user[negative]))]
-  grouped = user[order]
-  run_start = np.flatnonzero(np.concatenate([[True], grouped[1:] != grouped[:-1]]))
-  position = np.arange(len(order)) - np.repeat(run_start, np.diff(np.append(run_start,
-                                                                            len(order))))
+  key = rng.random(len(negative))
+  if policy != "random":
+    by_rank = negative[np.lexsort((rank[negative], user[negative]))]
+    best = np.empty(len(negative), np.int64)
+    best[np.searchsorted(negative, by_rank)] = _position_in_group(user[by_rank])
+    hard = cap if policy == "top" else cap // 2
+    key = np.where(best < hard, best - hard, key)  # the hard ones sort first
+  order = negative[np.lexsort((key, user[negative]))]
   keep = label != 0
-  keep[order[position < cap]] = True
+  keep[order[_position_in_group(user[order]) < cap]] = True
   return keep
 
 
@@ -398,24 +418,27 @@ def run(config: RankingConfig) -> mf.RankingManifest:
   else:
     eval_rows = split_rows(by_split[eval_split], user_context(table, eval_split), items,
                            embeddings, time_unit)
+  rank_column = mf.DENSE_FEATURES.index("recall_rank")
   train_rows = train_rows.take(np.flatnonzero(cap_negatives(
-      train_rows.user, train_rows.label, config.negatives_per_user, rng)))
+      train_rows.user, train_rows.label, train_rows.dense[:, rank_column],
+      config.negatives_per_user, config.negative_sampling, rng)))
   if not train_rows.label.any():
     raise DataError(f"--candidates={by_split[train_split].directory}: no positives at all in "
                     f"the training split (no {train_split} click is among its candidates); "
                     "retrieve more candidates (--topk) or with a better model")
   train_rows = train_rows.take(rng.permutation(len(train_rows.user)))
-  rank_column = mf.DENSE_FEATURES.index("recall_rank")
   # By user, then retrieval rank: the order the reranked lists are compared with.
   eval_rows = eval_rows.take(np.lexsort((eval_rows.dense[:, rank_column], eval_rows.user)))
-  mean = train_rows.dense.astype(np.float64).mean(axis=0)
-  var = train_rows.dense.astype(np.float64).var(axis=0)
+  log1p = tuple(name in mf.LOG1P_FEATURES for name in mf.DENSE_FEATURES)
+  model_input = mf.dense_model_input(train_rows.dense, log1p)
+  mean, var = model_input.mean(axis=0), model_input.var(axis=0)
 
   category = items.category.astype(np.int64)
   with atomic_directory(output_dir, overwrite=config.overwrite) as tmp:
     (tmp / "vocab").mkdir()
     for relative in (mf.ITEMS_FILE, mf.USERS_FILE):
       shutil.copyfile(manifest.path(relative), tmp / relative)
+    np.save(tmp / mf.RANKING_ITEM_VECTORS_FILE, embeddings)
     splits = {mf.RANK_TRAIN: _write_split(tmp, mf.RANK_TRAIN, train_rows, category, config),
               mf.RANK_EVAL: _write_split(tmp, mf.RANK_EVAL, eval_rows, category, config)}
     counts = {}
@@ -431,7 +454,7 @@ def run(config: RankingConfig) -> mf.RankingManifest:
         flags=config.to_dict(), max_hist_len=config.max_hist_len, holdout=manifest.holdout,
         eval_split=eval_split, compression=config.compression,
         dense_features=mf.DENSE_FEATURES, dense_mean=tuple(float(x) for x in mean),
-        dense_var=tuple(float(x) for x in var), counts=counts,
+        dense_var=tuple(float(x) for x in var), dense_log1p=log1p, counts=counts,
         vocab_sizes=dict(manifest.vocab_sizes), splits=splits)
     mf.write_ranking(ranking, tmp)
   logging.info("wrote %s in %.1fs: %s", output_dir, time.perf_counter() - started, counts)

@@ -202,3 +202,25 @@ def test_constant_dense_feature_is_standardised_without_blowing_up():
   assert np.all(np.isfinite(model(inputs).numpy()))
   assert {v.path.split("/")[-1] for v in model.non_trainable_variables} >= {"dense_mean",
                                                                             "dense_var"}
+
+
+def test_retrieval_item_vectors_are_frozen_features_of_every_item():
+  vectors = np.random.default_rng(0).normal(size=(NUM_ITEMS, 3)).astype(np.float32)
+  model = make_model(item_vectors=vectors)
+  rep = model.item_representation(tf.constant([[4, 7]])).numpy()
+  # The last 3 columns of an item's representation are its retrieval vector.
+  np.testing.assert_allclose(rep[0, :, -3:], vectors[[4, 7]])
+  assert all("retrieval_item_vectors" not in v.name for v in model.trainable_variables)
+
+
+def test_wide_dense_adds_a_linear_term_of_the_standardised_features():
+  model = make_model(wide_dense=True)
+  inputs = batch([[0, 1, 2, 3, 4], [0, 0, 0, 5, 6]])
+  base = model.forward(inputs)[0].numpy()
+  # Raising the wide weight of feature 0 by 1 moves each logit by its
+  # standardised feature 0 and nothing else.
+  kernel = model.wide.kernel
+  kernel.assign(kernel + np.eye(kernel.shape[0], 1, dtype=np.float32))
+  moved = model.forward(inputs)[0].numpy()
+  np.testing.assert_allclose(moved - base, model.standardise(inputs["dense"]).numpy()[:, 0],
+                             rtol=1e-5, atol=1e-6)

@@ -154,9 +154,14 @@ def test_features_by_hand(tmp_path):
   # Eval rows are ordered by user, then retrieval rank; every candidate is kept.
   assert evaluation[mf.FEATURE_USER].tolist() == [1, 1, 2, 2]
   assert evaluation[mf.FEATURE_DENSE][:, 1].tolist() == [1, 2, 1, 2]
-  # Training statistics are of the training split (5 rows): recall_rank 1,2,1,2,3.
-  assert m.dense_mean[1] == pytest.approx(9 / 5)
-  assert m.dense_var[1] == pytest.approx(((0.8 ** 2) * 2 + (0.2 ** 2) * 2 + 1.2 ** 2) / 5)
+  # Training statistics are of the training split (5 rows), of what the model
+  # standardises: recall_rank 1,2,1,2,3 is log-scaled -> log 2, log 3, log 2, log 3,
+  # log 4; recall_score 0.9, 0.7, 0.8, 0.6, 0.5 is not.
+  logs = np.log([2, 3, 2, 3, 4])
+  assert m.dense_log1p[:2] == (False, True)
+  assert m.dense_mean[1] == pytest.approx(logs.mean())
+  assert m.dense_var[1] == pytest.approx(((logs - logs.mean()) ** 2).mean())
+  assert m.dense_mean[0] == pytest.approx(0.7) and m.dense_var[0] == pytest.approx(0.02)
 
 
 def test_features_never_read_the_held_out_click(tmp_path):
@@ -181,6 +186,31 @@ def test_negatives_are_capped_per_user_in_training_only(tmp_path):
   assert sorted(train[mf.FEATURE_USER].tolist()) == [1, 1, 2, 2]
   assert train[mf.FEATURE_LABEL].sum() == 2
   assert m.counts["examples_eval"] == len(TEST_ROWS)
+
+
+def test_top_negative_sampling_keeps_the_best_ranked_negatives(tmp_path):
+  m = build(tmp_path, negatives_per_user=1, negative_sampling="top")
+  train = read_split(m, mf.RANK_TRAIN)
+  kept = sorted(zip(train[mf.FEATURE_USER].tolist(), train["raw_candidate"].tolist()))
+  # User 1: positive 12, negative 14 (rank 2). User 2: positive 14 (rank 2);
+  # negatives 10 (rank 1) and 13 (rank 3) -> the rank-1 one, 10.
+  assert kept == [(1, 12), (1, 14), (2, 10), (2, 14)]
+
+
+def test_cap_negatives_mixed_takes_half_hard_half_random():
+  rng = np.random.default_rng(0)
+  user = np.repeat([1, 2], 10)
+  label = np.zeros(20, np.int64)
+  label[[3, 15]] = 1
+  rank = np.tile(np.arange(1, 11), 2)
+  keep = ranking.cap_negatives(user, label, rank, 4, "mixed", rng)
+  for u, positive in ((1, 3), (2, 15)):
+    rows = np.flatnonzero(user == u)
+    kept = rows[keep[rows]]
+    assert positive in kept and len(kept) == 5  # the positive + 4 negatives
+    negatives = sorted(rank[kept[label[kept] == 0]].tolist())
+    best = [r for r in rank[rows].tolist() if label[rows][r - 1] == 0][:2]
+    assert negatives[:2] == best  # the 2 best-ranked negatives, then 2 random others
 
 
 def test_holdout_last_splits_users(tmp_path):

@@ -26,7 +26,8 @@ CONFIG_FILE = "trainer_config.json"
 MAX_LOGITS = 2**26
 # Fields that define the variables a checkpoint holds.
 ARCHITECTURE_FIELDS = ("model", "emb_dim", "num_heads", "num_blocks", "ff_dim", "tower_units",
-                       "mixed_precision", "gru_units", "evolution", "aux_loss_weight")
+                       "mixed_precision", "gru_units", "evolution", "aux_loss_weight",
+                       "retrieval_item_vectors", "wide_dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,8 @@ class TrainerConfig:
   gru_units: int = 32
   evolution: str = "aigru"  # the notebook's; "augru": attention in the update gate (paper)
   aux_loss_weight: float = 0.0  # > 0: the paper's auxiliary loss on the interest extractor
+  retrieval_item_vectors: bool = True  # item representation += frozen retrieval vectors
+  wide_dense: bool = True  # + a linear logit over the standardised dense features
   rank_eval_topk: tuple[int, ...] = (5, 10)
   # Loss.
   symmetric_loss: bool = False

@@ -134,7 +134,10 @@ class DIEN(keras.Model):
                item_category: np.ndarray, max_hist_len: int, dense_mean: np.ndarray,
                dense_var: np.ndarray, emb_dim: int = 16, gru_units: int = 32,
                evolution: str = "aigru", mlp_units=(128, 64), attention_units=(80, 40),
-               dropout: float = 0.2, aux_loss: bool = False, **kwargs):
+               dropout: float = 0.2, aux_loss: bool = False, wide_dense: bool = False,
+               user_embedding: bool = True, item_vectors: np.ndarray | None = None,
+               dense_log1p: np.ndarray | None = None,
+               **kwargs):
     super().__init__(**kwargs)
     if evolution not in EVOLUTIONS:
       raise ValueError(f"evolution must be one of {EVOLUTIONS}, not {evolution!r}")
@@ -148,11 +151,24 @@ class DIEN(keras.Model):
     self.num_items, self.max_hist_len = num_items, max_hist_len
     self.num_dense, self.evolution, self.aux_loss = dense_mean.size, evolution, aux_loss
 
-    self.user_embedding = keras.layers.Embedding(num_users, emb_dim, name="user_emb")
+    self.user_embedding = keras.layers.Embedding(num_users, emb_dim, name="user_emb") \
+        if user_embedding else None
+    # A linear logit term over the standardised dense features (Wide & Deep).
+    self.wide = keras.layers.Dense(1, name="wide_dense") if wide_dense else None
     self.item_embedding = keras.layers.Embedding(num_items, emb_dim, name="item_emb")
     self.category_embedding = keras.layers.Embedding(num_categories, max(4, emb_dim // 4),
                                                      name="cat_emb")
     self.item_category = tf.constant(item_category, tf.int32)
+    # Features standardised after log1p (preprocess/manifest.py dense_model_input).
+    self.dense_log1p = tf.constant(np.zeros(dense_mean.shape, bool) if dense_log1p is None
+                                   else np.asarray(dense_log1p, bool))
+    # The retrieval model's item vectors, frozen: an item space learnt from every
+    # training click, where the ranker alone sees only one positive per user.
+    self.item_vectors = None
+    if item_vectors is not None:
+      self.item_vectors = self.add_weight(
+          shape=item_vectors.shape, name="retrieval_item_vectors", trainable=False,
+          initializer=keras.initializers.Constant(item_vectors.astype(np.float32)))
     # Non-trainable weights, so checkpoints and SavedModels carry the statistics.
     self.dense_mean = self.add_weight(shape=dense_mean.shape, name="dense_mean",
                                       initializer=keras.initializers.Constant(dense_mean),
@@ -184,15 +200,19 @@ class DIEN(keras.Model):
   def item_representation(self, items: tf.Tensor) -> tf.Tensor:
     """[...] item indices -> [..., emb_dim + category width]."""
     categories = tf.gather(self.item_category, items)
-    return tf.concat([_f32(self.item_embedding(items)),
-                      _f32(self.category_embedding(categories))], axis=-1)
+    parts = [_f32(self.item_embedding(items)), _f32(self.category_embedding(categories))]
+    if self.item_vectors is not None:
+      parts.append(tf.gather(tf.cast(self.item_vectors, tf.float32), items))
+    return tf.concat(parts, axis=-1)
 
   def standardise(self, dense: tf.Tensor) -> tf.Tensor:
     var = tf.cast(self.dense_var, tf.float32)
     # A constant feature (var 0) is only centred: dividing by sqrt(1e-6) would
     # turn any serving-time deviation into a 1000x input.
     std = tf.where(var > 0.0, tf.sqrt(var + 1e-6), tf.ones_like(var))
-    return (_f32(dense) - tf.cast(self.dense_mean, tf.float32)) / std
+    dense = _f32(dense)
+    dense = tf.where(self.dense_log1p, tf.math.log1p(tf.maximum(dense, 0.0)), dense)
+    return (dense - tf.cast(self.dense_mean, tf.float32)) / std
 
   def attention(self, query: tf.Tensor, states: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     """query [B, Dq], states [B, L, H], mask [B, L] -> softmax weights [B, L] over real
@@ -240,12 +260,17 @@ class DIEN(keras.Model):
     weights = self.attention(candidate, states, mask)
     interest = run_gru(self.evolver, states, mask, attention=weights, mode=self.evolution)
 
-    x = tf.concat([_f32(self.user_embedding(tf.cast(inputs["user"], tf.int32))), candidate,
-                   interest, self.standardise(inputs["dense"])], axis=-1)
+    dense = self.standardise(inputs["dense"])
+    parts = [candidate, interest, dense]
+    if self.user_embedding is not None:
+      parts.insert(0, _f32(self.user_embedding(tf.cast(inputs["user"], tf.int32))))
+    x = tf.concat(parts, axis=-1)
     for layer in self.head:
       x = layer(x, seed=seed, training=training) if isinstance(layer, SeededDropout) \
           else layer(x)
     logits = tf.squeeze(_f32(x), -1)
+    if self.wide is not None:
+      logits += tf.squeeze(_f32(self.wide(dense)), -1)
 
     aux = tf.constant(0.0, tf.float32)
     if self.aux_loss:

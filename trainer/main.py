@@ -52,6 +52,11 @@ flags.DEFINE_enum("evolution", _D.evolution, list(config_lib.EVOLUTIONS),
 flags.DEFINE_float("aux_loss_weight", _D.aux_loss_weight,
                    "dien: weight of the auxiliary next-click loss on the interest extractor "
                    "(0: off; the paper uses 1).")
+flags.DEFINE_boolean("retrieval_item_vectors", _D.retrieval_item_vectors,
+                     "dien: add the retrieval model's item vectors (frozen) to every item's "
+                     "representation.")
+flags.DEFINE_boolean("wide_dense", _D.wide_dense,
+                     "dien: add a linear logit over the standardised dense features (Wide & Deep).")
 flags.DEFINE_list("rank_eval_topk", list(map(str, _D.rank_eval_topk)),
                   "dien: HitRate/NDCG cut-offs of the reranked lists.")
 flags.DEFINE_boolean("symmetric_loss", _D.symmetric_loss, "Add the item->user softmax.")

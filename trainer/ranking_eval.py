@@ -34,7 +34,7 @@ _SCORE_COLUMN = mf.DENSE_FEATURES.index("recall_score")
 class RankingEvaluator:
   """Scores the eval split with a ranker and summarises the reranked lists."""
 
-  def __init__(self, manifest: mf.RankingManifest, ks=(5, 10), batch_size: int = 2048,
+  def __init__(self, manifest: mf.RankingManifest, ks=(5, 10), batch_size: int = 8192,
                max_users: int = 0, seed: int = 0):
     self.manifest, self.ks, self.batch_size = manifest, tuple(ks), batch_size
     self.selected = None  # bool per user index: the users a periodic eval uses

@@ -97,10 +97,13 @@ def build_model(config: TrainerConfig, manifest):
                item_category=category.column(0).to_numpy().astype(np.int32),
                max_hist_len=manifest.max_hist_len,
                dense_mean=np.asarray(manifest.dense_mean, np.float32),
-               dense_var=np.asarray(manifest.dense_var, np.float32), emb_dim=config.emb_dim,
+               dense_var=np.asarray(manifest.dense_var, np.float32),
+               dense_log1p=np.asarray(manifest.dense_log1p, bool), emb_dim=config.emb_dim,
                gru_units=config.gru_units, evolution=config.evolution,
                mlp_units=config.tower_units, dropout=config.dropout,
-               aux_loss=config.aux_loss_weight > 0, name=config.model)
+               aux_loss=config.aux_loss_weight > 0, wide_dense=config.wide_dense,
+               item_vectors=np.load(manifest.path(mf.RANKING_ITEM_VECTORS_FILE))
+               if config.retrieval_item_vectors else None, name=config.model)
   model.build_variables()
   return model
 
@@ -242,8 +245,9 @@ class Trainer:
   def _evaluator(self, max_users: int):
     c = self.config
     if c.model in config_lib.RANKING_MODELS:
-      return ranking_eval.RankingEvaluator(self.manifest, c.rank_eval_topk, c.eval_batch_size,
-                                           max_users, c.seed)
+      # Rows per batch do not change results; large batches amortise the GRU's small ops.
+      return ranking_eval.RankingEvaluator(self.manifest, c.rank_eval_topk, max_users=max_users,
+                                           seed=c.seed)
     return evaluation.Evaluator(self.manifest, c.eval_split, c.eval_topk, c.eval_negatives,
                                 c.eval_batch_size, max_users, c.seed)
 
