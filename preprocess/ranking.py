@@ -73,7 +73,7 @@ class RankingConfig:
   item_embeddings: str = ""  # trainer model_dir or .npy; "": the retrieval job's model
   max_hist_len: int = 30
   negatives_per_user: int = 20  # 0: keep every negative
-  negative_sampling: str = "mixed"  # random | top | mixed (see cap_negatives)
+  negative_sampling: str = "random"  # random | top | mixed (see cap_negatives)
   eval_users_fraction: float = 0.2  # --holdout=last data only
   num_shards: int = 4
   compression: str = "GZIP"

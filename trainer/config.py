@@ -57,8 +57,10 @@ class TrainerConfig:
   tower_units: tuple[int, ...] = (128, 64)  # two_tower tower / dien top MLP hidden layers
   # dien (the ranker).
   gru_units: int = 32
-  evolution: str = "aigru"  # the notebook's; "augru": attention in the update gate (paper)
-  aux_loss_weight: float = 0.0  # > 0: the paper's auxiliary loss on the interest extractor
+  # The DIEN paper's AUGRU and auxiliary loss (the notebook: aigru, 0): they are
+  # what makes the ranker beat the retrieval order on ML-1M (BUILD_NOTES.md).
+  evolution: str = "augru"
+  aux_loss_weight: float = 1.0
   retrieval_item_vectors: bool = True  # item representation += frozen retrieval vectors
   wide_dense: bool = True  # + a linear logit over the standardised dense features
   rank_eval_topk: tuple[int, ...] = (5, 10)

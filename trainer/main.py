@@ -47,11 +47,11 @@ flags.DEFINE_list("tower_units", list(map(str, _D.tower_units)),
                   "two_tower: hidden layer widths of both towers; dien: of the top MLP.")
 flags.DEFINE_integer("gru_units", _D.gru_units, "dien: GRU state size (extractor and evolution).")
 flags.DEFINE_enum("evolution", _D.evolution, list(config_lib.EVOLUTIONS),
-                  "dien: aigru (attention scales the GRU input, the notebook) or augru "
-                  "(attention scales the update gate, the DIEN paper's best).")
+                  "dien: augru (attention scales the update gate, the DIEN paper's best) or "
+                  "aigru (attention scales the GRU input, the notebook).")
 flags.DEFINE_float("aux_loss_weight", _D.aux_loss_weight,
                    "dien: weight of the auxiliary next-click loss on the interest extractor "
-                   "(0: off; the paper uses 1).")
+                   "(the paper's 1; 0: off, the notebook).")
 flags.DEFINE_boolean("retrieval_item_vectors", _D.retrieval_item_vectors,
                      "dien: add the retrieval model's item vectors (frozen) to every item's "
                      "representation.")
