@@ -21,7 +21,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("work_dir", "build/demo", "Where the demo writes (replaced on each run).")
 flags.DEFINE_string("preset", "demo", "Synthetic preset (see preprocess/synthetic.py).")
 flags.DEFINE_integer("epochs", 10, "Trainer epochs per retrieval model.")
-flags.DEFINE_integer("ranker_epochs", 3, "Trainer epochs of the dien ranker.")
+flags.DEFINE_integer("ranker_epochs", 2, "Trainer epochs of the dien ranker.")
 
 TOOLS = Path(__file__).resolve().parent
 
@@ -99,7 +99,7 @@ def main(argv):
                         f"--output_dir={ranking_data}", "--overwrite"]),
       ("trainer dien", [binary("trainer"), "--model=dien", f"--data_dir={ranking_data}",
                         f"--model_dir={ranker}", f"--epochs={FLAGS.ranker_epochs}",
-                        "--batch_size=256", "--emb_dim=32", "--evolution=augru"])]:
+                        "--batch_size=512", "--emb_dim=32"])]:
     result = stage(name, cmd)
     if result.returncode != 0:
       sys.exit(f"demo: {name} failed:\n{result.stderr[-2000:]}")
