@@ -83,8 +83,16 @@ class TrainerConfig:
   eval_batch_size: int = 512
   eval_max_users: int = 0  # > 0: evaluate a seeded random subset (periodic evals)
   mixed_precision: bool = False
-  jit_compile: bool = True
+  # None: XLA for the retrieval models, not for dien (its unrolled GRUs ran
+  # 1.4x slower under XLA on CPU, after a 45 s compile; BUILD_NOTES.md).
+  jit_compile: bool | None = None
   export: bool = True
+
+  @property
+  def use_xla(self) -> bool:
+    if self.jit_compile is not None:
+      return self.jit_compile
+    return self.model not in RANKING_MODELS
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

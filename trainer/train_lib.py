@@ -220,10 +220,10 @@ class Trainer:
     # context ("merge_call called while defining a new graph"), so with
     # gathered negatives over several replicas the step runs without XLA.
     gathers = self.task.cross_replica_negatives and strategy.num_replicas_in_sync > 1
-    if self.config.jit_compile and gathers:
+    if self.config.use_xla and gathers:
       logging.info("jit_compile: off for the step (cross-replica negatives on %d replicas)",
                    strategy.num_replicas_in_sync)
-    elif self.config.jit_compile:
+    elif self.config.use_xla:
       forward_backward = tf.function(forward_backward, jit_compile=True)
 
     def replica_step(batch):
