@@ -115,3 +115,11 @@ def test_dien_binary_prints_the_reranking_headline(tiny_ranking, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert "trainer: step 2, eval AUC" in result.stdout
   assert (tmp_path / "m" / "export" / "ranker" / "saved_model.pb").exists()
+
+
+def test_dien_trains_under_mirrored_on_two_cpus(tiny_ranking, tmp_path):
+  config = dien_config(tiny_ranking, tmp_path / "m", strategy="mirrored", num_cpu_replicas=2,
+                       train_steps=2, export=False)
+  result = train_lib.train(config, tiny_ranking)
+  assert result.global_step == 2
+  assert np.isfinite(result.metrics["auc"]) and result.metrics["users"] > 0
