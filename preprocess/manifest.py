@@ -73,14 +73,14 @@ FEATURE_LABEL = "label"
 FEATURE_DENSE = "dense"
 RANK_TRAIN = "train"
 RANK_EVAL = "eval"
-# The notebook's dense ranking features, in the order of the `dense` vector
-# (preprocess/ranking.py says how each is computed).
+# The notebook's dense ranking features plus transitions_from_last, in the
+# order of the `dense` vector (preprocess/ranking.py says how each is computed).
 DENSE_FEATURES = ("recall_score", "recall_rank", "user_click_count", "user_unique_items",
                   "item_click_count", "words_count", "item_age_hours", "time_gap_hours",
-                  "emb_sim_last", "is_same_category")
+                  "emb_sim_last", "is_same_category", "transitions_from_last")
 # Counts and ranks are heavy-tailed: the ranker standardises log1p of them.
 LOG1P_FEATURES = ("recall_rank", "user_click_count", "user_unique_items", "item_click_count",
-                  "words_count")
+                  "words_count", "transitions_from_last")
 
 
 def dense_model_input(dense, log1p):

@@ -29,6 +29,11 @@ is the last click of H, its time is the query time t):
                              older the candidate is than what the user just read
   emb_sim_last               cosine of the item embeddings of c and last
   is_same_category           category(c) == category(last), both known
+  transitions_from_last      (not in the notebook) how often a training click
+                             on `last` was directly followed by one on c, over
+                             all users: the first-order Markov signal, which a
+                             most-recent-item baseline shows sequence models
+                             do not fully capture
 Times are in hours when the log has times (ms or s) and created_at is
 known, else 0. No feature reads the held-out click: H ends before it, t is
 the time of H's last click (not of the held-out one), and item counts come
@@ -190,22 +195,42 @@ def load_item_embeddings(source: str, manifest: mf.Manifest) -> tuple[np.ndarray
 
 @dataclasses.dataclass
 class ItemFeatures:
-  """Per item index (row 0 = padding)."""
+  """Per item index (row 0 = padding), and item-to-item transitions."""
   category: np.ndarray  # int64, 0 = unknown
   created_at: np.ndarray  # float64, NaN = unknown
   words_count: np.ndarray  # float64, 0 = unknown
   train_clicks: np.ndarray  # float64
+  # Consecutive training clicks (a -> b) of every user, as sorted keys
+  # a * num_items + b and their counts.
+  transition_keys: np.ndarray
+  transition_counts: np.ndarray
 
   @classmethod
-  def read(cls, manifest: mf.Manifest) -> "ItemFeatures":
+  def read(cls, manifest: mf.Manifest, histories_table) -> "ItemFeatures":
     table = pq.read_table(manifest.path(mf.ITEMS_FILE),
                           columns=["category", "created_at_ts", "words_count", "train_clicks"])
     created = table.column("created_at_ts").to_numpy(zero_copy_only=False)
+    history = histories_table.column("history").combine_chunks()
+    values = history.flatten().to_numpy().astype(np.int64)
+    offsets = history.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]
+    follows = np.ones(len(values), bool)  # click i + 1 follows click i of the same user
+    follows[offsets[1:] - 1] = False
+    follows = follows[:-1] if len(values) else follows
+    keys, counts = np.unique(values[:-1][follows] * table.num_rows + values[1:][follows],
+                             return_counts=True)
     return cls(category=table.column("category").to_numpy().astype(np.int64),
                created_at=np.asarray(created, dtype=np.float64),
                words_count=np.nan_to_num(np.asarray(
                    table.column("words_count").to_numpy(zero_copy_only=False), np.float64)),
-               train_clicks=table.column("train_clicks").to_numpy().astype(np.float64))
+               train_clicks=table.column("train_clicks").to_numpy().astype(np.float64),
+               transition_keys=keys, transition_counts=counts.astype(np.float64))
+
+  def transitions(self, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    keys = source.astype(np.int64) * len(self.category) + target
+    at = np.minimum(np.searchsorted(self.transition_keys, keys), len(self.transition_keys) - 1)
+    found = (len(self.transition_keys) > 0) & (self.transition_keys[at] == keys)
+    return np.where(found, self.transition_counts[at] if len(self.transition_keys) else 0.0, 0.0)
 
 
 @dataclasses.dataclass
@@ -283,6 +308,7 @@ def dense_features(ctx: UserContext, items: ItemFeatures, unit_embeddings: np.nd
       "time_gap_hours": gap,
       "emb_sim_last": np.where(last > 0, similarity, 0.0),
       "is_same_category": same,
+      "transitions_from_last": np.where(last > 0, items.transitions(last, candidate), 0.0),
   }
   return np.stack([np.asarray(columns[name], np.float32) for name in mf.DENSE_FEATURES], axis=1)
 
@@ -403,7 +429,7 @@ def run(config: RankingConfig) -> mf.RankingManifest:
       f"{len(c.user)} {s}" for s, c in by_split.items()), time.perf_counter() - started)
 
   table = pq.read_table(manifest.path(mf.USER_HISTORIES_FILE))
-  items = ItemFeatures.read(manifest)
+  items = ItemFeatures.read(manifest, table)
   time_unit = manifest.source.get("time_unit", "order")
   rng = np.random.default_rng(config.seed)
   train_rows = split_rows(by_split[train_split], user_context(table, train_split), items,

@@ -120,7 +120,7 @@ def test_features_by_hand(tmp_path):
   assert f == pytest.approx(dict(
       recall_score=0.9, recall_rank=1, user_click_count=2, user_unique_items=2,
       item_click_count=0, words_count=300, item_age_hours=0.5, time_gap_hours=-1.0,
-      emb_sim_last=0.8, is_same_category=0), abs=1e-6)
+      emb_sim_last=0.8, is_same_category=0, transitions_from_last=0), abs=1e-6)
   assert train[mf.FEATURE_LABEL][row_of(train, 1, 12)] == 1
   # Candidate 14 (cat 1, created 1h, 200 words): age = 2 - 1 = 1; gap = 0.5 - 1
   # = -0.5; cos(e14, e11) = 0.8*0.6 + 0.6*0.8 = 0.96; same category.
@@ -131,12 +131,13 @@ def test_features_by_hand(tmp_path):
   assert train[mf.FEATURE_LABEL][row_of(train, 1, 14)] == 0
   # User 2, valid split: query [11 @1h, 10 @2h, 11 @3h] -> 3 clicks, 2 distinct;
   # candidate 10 has 2 training clicks (users 1 and 2), created 0h: age = 3 h,
-  # gap = created(11) - created(10) = 0.5 h; cos(e10, e11) = 0.6.
+  # gap = created(11) - created(10) = 0.5 h; cos(e10, e11) = 0.6. Training
+  # transitions: user 1 10->11, user 2 11->10, 10->11: last 11 -> 10 once.
   f = features(train, 2, 10)
   assert f == pytest.approx(dict(
       recall_score=0.8, recall_rank=1, user_click_count=3, user_unique_items=2,
       item_click_count=2, words_count=100, item_age_hours=3.0, time_gap_hours=0.5,
-      emb_sim_last=0.6, is_same_category=1), abs=1e-6)
+      emb_sim_last=0.6, is_same_category=1, transitions_from_last=1), abs=1e-6)
   # History: the last max_hist_len=3 query clicks, left-padded.
   assert train["raw_history"][row_of(train, 1, 12)].tolist() == [0, 10, 11]
   assert train["raw_history"][row_of(train, 2, 10)].tolist() == [11, 10, 11]
@@ -148,7 +149,7 @@ def test_features_by_hand(tmp_path):
   assert f == pytest.approx(dict(
       recall_score=0.9, recall_rank=1, user_click_count=3, user_unique_items=3,
       item_click_count=0, words_count=50, item_age_hours=-1.0, time_gap_hours=-2.5,
-      emb_sim_last=0.0, is_same_category=1), abs=1e-6)
+      emb_sim_last=0.0, is_same_category=1, transitions_from_last=0), abs=1e-6)
   assert evaluation[mf.FEATURE_LABEL][row_of(evaluation, 1, 13)] == 1
   assert evaluation["raw_history"][row_of(evaluation, 1, 13)].tolist() == [10, 11, 12]
   # Eval rows are ordered by user, then retrieval rank; every candidate is kept.
@@ -162,6 +163,19 @@ def test_features_by_hand(tmp_path):
   assert m.dense_mean[1] == pytest.approx(logs.mean())
   assert m.dense_var[1] == pytest.approx(((logs - logs.mean()) ** 2).mean())
   assert m.dense_mean[0] == pytest.approx(0.7) and m.dense_var[0] == pytest.approx(0.02)
+
+
+def test_transitions_count_consecutive_training_clicks_only(tmp_path):
+  data = pipeline.run(make_config(write_log(tmp_path / "raw"), tmp_path / "data",
+                                  holdout="valid_test", max_seq_len=4))
+  table = pq.read_table(data.path(mf.USER_HISTORIES_FILE))
+  items = ranking.ItemFeatures.read(data, table)
+  vocab = Vocabulary.from_parquet(data.path(mf.ITEMS_FILE), "item_id")
+  pairs = np.array([[10, 11], [11, 10], [11, 12], [12, 13], [10, 10]])
+  counts = items.transitions(vocab.lookup(pairs[:, 0]), vocab.lookup(pairs[:, 1]))
+  # 10->11 by both users; 11->10 by user 2; 11->12 and 12->13 cross into the
+  # held-out clicks (valid 12, test 13), so they are not training transitions.
+  assert counts.tolist() == [2, 1, 0, 0, 0]
 
 
 def test_features_never_read_the_held_out_click(tmp_path):
