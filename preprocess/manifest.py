@@ -297,13 +297,18 @@ def load(data_dir: Path | str) -> Manifest:
     raise DataError(f"{path}: is {d.get('kind')!r} data (preprocess --mode=ranking), not "
                     "sequence examples; train it with --model=dien")
   manifest = Manifest.from_json_dict(d, data_dir)
-  for relative in (ITEMS_FILE, USERS_FILE, CATEGORIES_FILE, USER_HISTORIES_FILE):
-    if not (data_dir / relative).is_file():
-      raise DataError(f"{data_dir / relative}: file named by the manifest is missing")
+  _check_files(data_dir, (ITEMS_FILE, USERS_FILE, CATEGORIES_FILE, USER_HISTORIES_FILE))
   return manifest
 
 
-def write(manifest: Manifest, data_dir: Path | str) -> None:
+def _check_files(data_dir: Path, relatives: tuple[str, ...]) -> None:
+  for relative in relatives:
+    if not (data_dir / relative).is_file():
+      raise DataError(f"{data_dir / relative}: file named by the manifest is missing")
+
+
+def write(manifest: "Manifest | RankingManifest", data_dir: Path | str) -> None:
+  """Writes either kind of manifest (stamping created_at) atomically."""
   d = manifest.to_json_dict()
   if not d["created_at"]:
     d["created_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -406,14 +411,5 @@ def load_ranking(data_dir: Path | str) -> RankingManifest:
     raise DataError(f"{data_dir / MANIFEST_FILE}: sequence examples, not ranking data (make "
                     "ranking data with preprocess --mode=ranking)")
   manifest = RankingManifest.from_json_dict(d, data_dir)
-  for relative in (ITEMS_FILE, USERS_FILE, RANKING_ITEM_VECTORS_FILE):
-    if not (data_dir / relative).is_file():
-      raise DataError(f"{data_dir / relative}: file named by the manifest is missing")
+  _check_files(data_dir, (ITEMS_FILE, USERS_FILE, RANKING_ITEM_VECTORS_FILE))
   return manifest
-
-
-def write_ranking(manifest: RankingManifest, data_dir: Path | str) -> None:
-  d = manifest.to_json_dict()
-  if not d["created_at"]:
-    d["created_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-  write_json_atomic(Path(data_dir) / MANIFEST_FILE, d)

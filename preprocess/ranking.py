@@ -482,6 +482,6 @@ def run(config: RankingConfig) -> mf.RankingManifest:
         dense_features=mf.DENSE_FEATURES, dense_mean=tuple(float(x) for x in mean),
         dense_var=tuple(float(x) for x in var), dense_log1p=log1p, counts=counts,
         vocab_sizes=dict(manifest.vocab_sizes), splits=splits)
-    mf.write_ranking(ranking, tmp)
+    mf.write(ranking, tmp)
   logging.info("wrote %s in %.1fs: %s", output_dir, time.perf_counter() - started, counts)
   return mf.load_ranking(output_dir)

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from conftest import small_trainer_config
 from preprocess import manifest as mf
+from preprocess.vocab import Vocabulary
 from trainer import config as config_lib
 from trainer import export, ranking_eval, train_lib
 from trainer.export_info import load_ranker_info
@@ -89,7 +90,6 @@ def test_dien_trains_evaluates_reranks_and_exports(tiny_ranking, tmp_path):
       user=tf.cast(batch["user"], tf.int64), history=tf.cast(batch["history"], tf.int64),
       candidate=tf.cast(batch["candidate"], tf.int64), dense=batch["dense"])
   rows = reranked.set_index(["user_id", "article_id"])
-  from preprocess.vocab import Vocabulary
   users = Vocabulary.from_parquet(tiny_ranking.path(mf.USERS_FILE), "user_id")
   items = Vocabulary.from_parquet(tiny_ranking.path(mf.ITEMS_FILE), "item_id")
   keys = list(zip(users.to_raw(batch["user"].numpy()), items.to_raw(batch["candidate"].numpy())))

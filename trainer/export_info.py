@@ -53,11 +53,7 @@ def data_fingerprint(manifest: mf.Manifest | mf.RankingManifest) -> str:
 
 def load_info(model_dir: Path | str) -> ExportInfo:
   """Reads model_dir/export/export_manifest.json (errors name what is missing)."""
-  path = Path(model_dir) / EXPORT_DIR / EXPORT_MANIFEST
-  if not path.is_file():
-    raise DataError(f"{Path(model_dir)}: no {EXPORT_DIR}/{EXPORT_MANIFEST} (not a trainer "
-                    "model_dir, or training has not finished)")
-  d = _read(path)
+  path, d = _read(model_dir)
   if d.get("model") == "dien":
     raise DataError(f"{Path(model_dir)}: holds a ranker (dien), not a retrieval model")
   try:
@@ -67,11 +63,7 @@ def load_info(model_dir: Path | str) -> ExportInfo:
 
 
 def load_ranker_info(model_dir: Path | str) -> RankerExportInfo:
-  path = Path(model_dir) / EXPORT_DIR / EXPORT_MANIFEST
-  if not path.is_file():
-    raise DataError(f"{Path(model_dir)}: no {EXPORT_DIR}/{EXPORT_MANIFEST} (not a trainer "
-                    "model_dir, or training has not finished)")
-  d = _read(path)
+  path, d = _read(model_dir)
   if d.get("model") != "dien":
     raise DataError(f"{Path(model_dir)}: holds a retrieval model ({d.get('model')}), not a ranker")
   try:
@@ -80,8 +72,13 @@ def load_ranker_info(model_dir: Path | str) -> RankerExportInfo:
     raise DataError(f"{path}: malformed export manifest ({e})") from e
 
 
-def _read(path: Path) -> dict:
+def _read(model_dir: Path | str) -> tuple[Path, dict]:
+  """The export manifest's path and contents; DataError when it is missing or not JSON."""
+  path = Path(model_dir) / EXPORT_DIR / EXPORT_MANIFEST
+  if not path.is_file():
+    raise DataError(f"{Path(model_dir)}: no {EXPORT_DIR}/{EXPORT_MANIFEST} (not a trainer "
+                    "model_dir, or training has not finished)")
   try:
-    return json.loads(path.read_text())
+    return path, json.loads(path.read_text())
   except ValueError as e:
     raise DataError(f"{path}: malformed export manifest ({e})") from e
