@@ -1,4 +1,5 @@
-"""InBatchSoftmaxLoss on tiny tensors; expected values derived by hand.
+"""InBatchSoftmaxLoss and CatalogueSoftmaxLoss on tiny tensors; expected values
+derived by hand.
 
 Temperature 1 throughout, so logits are plain dot products.
 """
@@ -8,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import strategies
-from trainer.losses import InBatchSoftmaxLoss
+from trainer.losses import CatalogueSoftmaxLoss, InBatchSoftmaxLoss
 
 
 def loss_value(q, c, ids, weights=None, log_q=None, **options):
@@ -141,3 +142,52 @@ def test_cross_replica_loss_and_gradients_equal_single_device(symmetric):
   for g_single, g_replicas in zip(single_grads, grads):
     summed = sum(v.numpy() for v in strategy.experimental_local_results(g_replicas))
     np.testing.assert_allclose(summed, g_single.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_catalogue_softmax_3_items_padding_never_a_negative():
+  # Items: row 0 padding (a huge vector that would dominate if it counted), rows
+  # 1, 2 = e1, e2. Query e1 with target 1: logits [1, 0] over items 1, 2 ->
+  # log(e + 1) - 1 = 0.3132617. Query (0.6, 0.8) with target 2: logits
+  # [0.6, 0.8] -> log(e^.6 + e^.8) - .8 = 0.5981389. A padding row (weight 0,
+  # target 0) adds nothing. Mean 0.4557003.
+  items = tf.constant([[50.0, 50.0], [1, 0], [0, 1]])
+  q = tf.constant([[1.0, 0], [0.6, 0.8], [0.3, 0.3]])
+  layer = CatalogueSoftmaxLoss(temperature=1.0)
+  value = layer(q, items, tf.constant([1, 2, 0]), tf.constant([1.0, 1.0, 0.0]))
+  assert float(value) == pytest.approx(0.4557003, abs=1e-6)
+  # Temperature 0.5 doubles the logits: row 0 log(e^2 + 1) - 2 = 0.1269280,
+  # row 1 log(e^1.2 + e^1.6) - 1.6 = 0.5130153; mean 0.3199717.
+  value = CatalogueSoftmaxLoss(temperature=0.5)(q, items, tf.constant([1, 2, 0]),
+                                                tf.constant([1.0, 1.0, 0.0]))
+  assert float(value) == pytest.approx(0.3199717, abs=1e-6)
+
+
+def test_catalogue_softmax_gradient_is_finite_with_padding_rows():
+  items = tf.Variable([[0.0, 0.0], [1, 0], [0, 1]])
+  with tf.GradientTape() as tape:
+    value = CatalogueSoftmaxLoss(temperature=0.05)(tf.constant([[1.0, 0], [0, 0]]), items,
+                                                   tf.constant([1, 0]), tf.constant([1.0, 0.0]))
+  grad = tape.gradient(value, items)
+  assert np.all(np.isfinite(grad.numpy())) and np.all(grad.numpy()[0] == 0)
+
+
+def test_catalogue_softmax_on_two_replicas_equals_single_device():
+  """Each replica's share sums to the global weighted mean, unequal real rows per replica."""
+  strategy = strategies.mirrored(("/cpu:0", "/cpu:1"))
+  rng = np.random.default_rng(1)
+  q = rng.normal(size=(4, 3)).astype(np.float32)
+  items = tf.constant(rng.normal(size=(5, 3)).astype(np.float32))
+  targets = np.array([1, 4, 2, 3], np.int32)
+  weights = np.array([1, 1, 0, 1], np.float32)  # replica 0 has two real rows, replica 1 one
+  layer = CatalogueSoftmaxLoss(temperature=0.5)
+  single = float(layer(q, items, targets, weights))
+
+  def slices(ctx):
+    r = ctx.replica_id_in_sync_group
+    return tuple(tf.constant(a[2 * r:2 * r + 2]) for a in (q, targets, weights))
+
+  per_replica = strategy.experimental_distribute_values_from_function(slices)
+  shares = tf.function(lambda v: strategy.run(lambda a: layer(a[0], items, a[1], a[2]),
+                                              args=(v,)))(per_replica)
+  total = sum(float(v) for v in strategy.experimental_local_results(shares))
+  assert total == pytest.approx(single, rel=1e-5)

@@ -36,23 +36,29 @@ def test_one_training_step_per_model_changes_weights_and_loss_is_finite(
   assert int(trainer.optimizer.iterations.numpy()) == 1
 
 
-def test_all_positions_loss_uses_every_real_position(tiny_windows, tmp_path):
-  config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m")
+@pytest.mark.parametrize("loss", ["in_batch", "softmax"])
+def test_all_positions_loss_uses_every_real_position(tiny_windows, tmp_path, loss):
+  config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", loss=loss)
   trainer = train_lib.Trainer(config, tiny_windows)
   assert trainer.task.all_positions
+  assert trainer.task.catalogue_softmax == (loss == "softmax")
   seen = {}
-  original = trainer.task.loss
+  name = "softmax" if loss == "softmax" else "loss"
+  original = getattr(trainer.task, name)
 
-  def spy(query, candidate, ids, weights, log_q, seed=None):
-    seen["rows"], seen["weights"] = query.shape[0], weights
-    return original(query, candidate, ids, weights, log_q, seed=seed)
+  def spy(query, candidate, ids, weights, *args, **kwargs):
+    seen["rows"], seen["weights"], seen["candidates"] = query.shape[0], weights, candidate
+    return original(query, candidate, ids, weights, *args, **kwargs)
 
-  trainer.task.loss = spy
+  setattr(trainer.task, name, spy)
   batch = next(iter(train_lib.input_pipeline.TrainReader(tiny_windows, 16, 1,
                                                          trainer.steps_per_epoch)()))
   trainer.task.compute_loss(batch)
   assert seen["rows"] == 16 * tiny_windows.max_seq_len
   assert float(tf.reduce_sum(seen["weights"])) == float(tf.reduce_sum(batch["length"]))
+  # The catalogue softmax scores every item; the in-batch loss one candidate per row.
+  expected = tiny_windows.vocab_sizes["items"] if loss == "softmax" else seen["rows"]
+  assert seen["candidates"].shape[0] == expected
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_windows, tmp_path):
@@ -75,11 +81,12 @@ def test_resume_equals_an_uninterrupted_run(tiny_windows, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_mirrored_on_two_cpus_trains_checkpoints_and_evaluates(tiny_windows, tmp_path):
+@pytest.mark.parametrize("loss", ["in_batch", "softmax"])
+def test_mirrored_on_two_cpus_trains_checkpoints_and_evaluates(tiny_windows, tmp_path, loss):
   # jit_compile as the binary's default: the gathered loss must still run.
   config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", strategy="mirrored",
                                 num_cpu_replicas=2, train_steps=4, export=False,
-                                jit_compile=True)
+                                jit_compile=True, loss=loss)
   trainer = train_lib.Trainer(config, tiny_windows)
   assert trainer.strategy.num_replicas_in_sync == 2
   result = trainer.run()
@@ -87,6 +94,10 @@ def test_mirrored_on_two_cpus_trains_checkpoints_and_evaluates(tiny_windows, tmp
   assert tf.train.latest_checkpoint(str(tmp_path / "m" / "checkpoints")).endswith("-4")
   saved = json.loads((tmp_path / "m" / "metrics.json").read_text())
   assert saved["global_step"] == 4 and 0 <= saved["hit_rate@10"] <= 1
+  # The end evaluates every held-out split; the headline split is the top level.
+  assert sorted(saved["by_split"]) == ["test", "valid"]
+  assert saved["by_split"]["valid"]["hit_rate@10"] == saved["hit_rate@10"]
+  assert saved["by_split"]["test"]["split"] == "test" and saved["train_seconds"] > 0
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_windows, tmp_path, monkeypatch):

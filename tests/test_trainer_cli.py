@@ -27,6 +27,10 @@ def trainer(*args, timeout=180):
     (["--num_cpu_replicas=2"], "--num_cpu_replicas=2 needs --strategy=mirrored"),
     (["--symmetric_loss", "--num_negatives=8"], "--symmetric_loss needs the full in-batch pool"),
     (["--eval_topk=5,x"], "--eval_topk=5,x: expected integers"),
+    (["--loss=softmax", "--num_negatives=8"],
+     "--symmetric_loss and --num_negatives apply to --loss=in_batch only"),
+    (["--loss=softmax", "--batch_size=2000000"],
+     "--loss=softmax: --batch_size=2000000 gives 2000000 loss positions per step against"),
 ])
 def test_inconsistent_flags_fail_with_one_line(tiny_data, tiny_news_dir, tmp_path, flags,
                                                message):
@@ -111,3 +115,20 @@ def test_kill_9_then_the_same_command_resumes_from_the_last_checkpoint(tiny_wind
   assert "resumed from" in result.stderr
   assert "trainer: step 40," in result.stdout
   assert checkpoints(model_dir)[-1] == 40
+
+
+def test_auto_loss_is_the_catalogue_softmax_while_its_logits_fit(tiny_windows):
+  from trainer import config as config_lib
+  items = tiny_windows.vocab_sizes["items"]
+  positions = 16 * tiny_windows.max_seq_len
+  config = config_lib.TrainerConfig(batch_size=16, loss="auto")
+  assert config_lib.resolved_loss(config, tiny_windows) == "softmax"
+  # One batch more than fits (positions x items > MAX_LOGITS): the in-batch pool.
+  too_big = config_lib.MAX_LOGITS // (items * tiny_windows.max_seq_len) + 1
+  assert positions * items <= config_lib.MAX_LOGITS
+  config = config_lib.TrainerConfig(batch_size=too_big, loss="auto")
+  assert config_lib.resolved_loss(config, tiny_windows) == "in_batch"
+  assert config_lib.resolved_loss(config_lib.TrainerConfig(num_negatives=8, loss="auto"),
+                                  tiny_windows) == "in_batch"
+  assert config_lib.resolved_loss(config_lib.TrainerConfig(loss="in_batch"),
+                                  tiny_windows) == "in_batch"

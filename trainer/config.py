@@ -20,6 +20,7 @@ RANKING_MODELS = ("dien",)  # trained on ranking data (preprocess --mode=ranking
 EVOLUTIONS = ("aigru", "augru")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 LR_SCHEDULES = ("constant", "cosine")
+LOSSES = ("auto", "in_batch", "softmax")
 CONFIG_FILE = "trainer_config.json"
 # The loss holds a (queries x negatives) logits matrix per step; 2**26 float32
 # entries (256 MB, and as much again for its gradient) is the most we allow.
@@ -65,6 +66,10 @@ class TrainerConfig:
   wide_dense: bool = True  # + a linear logit over the standardised dense features
   rank_eval_topk: tuple[int, ...] = (5, 10)
   # Loss.
+  # softmax: the whole catalogue; in_batch: negatives from the batch; auto:
+  # softmax when its logits fit MAX_LOGITS (see resolved_loss). The default
+  # moves with the rest of the issue 6 recipe once its ablation is complete.
+  loss: str = "in_batch"
   symmetric_loss: bool = False
   cross_replica_negatives: bool = True
   remove_accidental_hits: bool = True
@@ -136,6 +141,10 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
                "eval_max_users", "num_cpu_replicas"):
     if getattr(config, name) < 0:
       bad(f"--{name}={getattr(config, name)}: must be >= 0")
+  if config.loss not in LOSSES:
+    bad(f"--loss={config.loss!r}: choose from {', '.join(LOSSES)}")
+  if config.loss == "softmax" and (config.symmetric_loss or config.num_negatives):
+    bad("--symmetric_loss and --num_negatives apply to --loss=in_batch only")
   if config.symmetric_loss and config.num_negatives:
     bad("--symmetric_loss needs the full in-batch pool (--num_negatives=0)")
   if config.epochs == 0 and config.train_steps == 0:
@@ -187,10 +196,16 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
   if config.eval_negatives and config.eval_negatives >= manifest.vocab_sizes["items"] - 1:
     bad(f"--eval_negatives={config.eval_negatives}: the catalogue has only "
         f"{manifest.vocab_sizes['items'] - 1} items")
-  queries = config.batch_size * (manifest.max_seq_len if config.all_positions and
-                                 manifest.samples == "windows" else 1)
+  queries = loss_positions_per_step(config, manifest)
   pool = min(config.num_negatives, queries) if config.num_negatives else queries
-  if queries * pool > MAX_LOGITS:
+  if resolved_loss(config, manifest) == "softmax":
+    pool = manifest.vocab_sizes["items"]
+    if queries * pool > MAX_LOGITS:
+      bad(f"--loss=softmax: --batch_size={config.batch_size} gives {queries} loss positions per "
+          f"step against {pool} items, a {queries}x{pool} logits matrix; lower --batch_size to "
+          f"<= {max(1, config.batch_size * MAX_LOGITS // (queries * pool))} or use "
+          "--loss=in_batch")
+  elif queries * pool > MAX_LOGITS:
     bad(f"--batch_size={config.batch_size} gives {queries} loss positions per step against "
         f"{pool} negatives, a {queries}x{pool} logits matrix; lower --batch_size or set "
         f"--num_negatives <= {max(1, MAX_LOGITS // queries)}")
@@ -199,6 +214,23 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
         "items")
   _check_saved_config(config)
   return manifest
+
+
+def loss_positions_per_step(config: TrainerConfig, manifest: mf.Manifest) -> int:
+  windows = config.all_positions and manifest.samples == "windows"
+  return config.batch_size * (manifest.max_seq_len if windows else 1)
+
+
+def resolved_loss(config: TrainerConfig, manifest: mf.Manifest) -> str:
+  """--loss, with auto resolved: the exact catalogue softmax when its (loss
+  positions x items) logits fit MAX_LOGITS and no in-batch-only option is set,
+  else in-batch negatives (BUILD_NOTES.md, issue 6 ablation)."""
+  if config.loss != "auto":
+    return config.loss
+  if config.symmetric_loss or config.num_negatives:
+    return "in_batch"
+  fits = loss_positions_per_step(config, manifest) * manifest.vocab_sizes["items"] <= MAX_LOGITS
+  return "softmax" if fits else "in_batch"
 
 
 def _check_saved_config(config: TrainerConfig) -> None:

@@ -129,3 +129,40 @@ class InBatchSoftmaxLoss(tf.Module):
       drop |= tf.equal(all_ids[None, :], candidate_ids[:, None])
     logits = tf.where(drop & ~is_label, tf.constant(_MASKED, tf.float32), logits)
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=rows, logits=logits)
+
+
+class CatalogueSoftmaxLoss(tf.Module):
+  """Softmax over the whole catalogue: every item except padding is a negative.
+
+  The exact cross-entropy the sampled losses approximate, so it needs no
+  logQ correction and has no accidental hits. It costs one (queries x items)
+  matmul per step, which is cheaper than the in-batch pool whenever the
+  catalogue is smaller than the batch's loss positions (ML-1M: 3,706 items
+  against 6,400 positions per step). Item index 0 (padding) gets logit -1e9.
+  """
+
+  def __init__(self, temperature: float, name: str | None = None):
+    super().__init__(name=name)
+    self.temperature = temperature
+
+  def __call__(self, query: tf.Tensor, item_vectors: tf.Tensor, targets: tf.Tensor,
+               weights: tf.Tensor) -> tf.Tensor:
+    """Returns this replica's share of the global weighted mean loss.
+
+    query: [n, d]; item_vectors: [V, d] for every item index (row 0 padding);
+    targets: [n] item indices; weights: [n] (0 drops the row).
+    """
+    query = tf.cast(query, tf.float32)
+    item_vectors = tf.cast(item_vectors, tf.float32)
+    weights = tf.cast(weights, tf.float32)
+    logits = tf.matmul(query, item_vectors, transpose_b=True) / self.temperature
+    # Additive, not tf.where: padding rows (target 0) stay finite and are weighted 0.
+    padding = tf.one_hot(0, tf.shape(item_vectors)[0], on_value=_MASKED, off_value=0.0)
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets,
+                                                          logits=logits + padding[None, :])
+    total = tf.reduce_sum(loss * weights)
+    weight_sum = tf.reduce_sum(weights)
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+      weight_sum = ctx.all_reduce(tf.distribute.ReduceOp.SUM, weight_sum)
+    return total / tf.maximum(weight_sum, 1.0)

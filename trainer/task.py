@@ -1,6 +1,7 @@
 """Tasks: a parsed batch -> this replica's share of the global mean loss.
 
-RetrievalTask (sasrec, two_tower): the in-batch softmax loss.
+RetrievalTask (sasrec, two_tower): the in-batch softmax loss (--loss=in_batch)
+or the softmax over the whole catalogue (--loss=softmax).
 
 positions data (and --noall_positions): one query per example, the last
 position, whose positive is the example's target (the notebooks).
@@ -17,8 +18,9 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 
 from preprocess import manifest as mf
+from trainer import config as config_lib
 from trainer.config import TrainerConfig
-from trainer.losses import InBatchSoftmaxLoss
+from trainer.losses import CatalogueSoftmaxLoss, InBatchSoftmaxLoss
 from trainer.models import RetrievalModel
 
 
@@ -42,12 +44,17 @@ def item_log_q(manifest: mf.Manifest) -> np.ndarray:
 
 
 class RetrievalTask:
-  cross_replica_negatives: bool
+  # The loss all-reduces its weight sum (and may gather negatives) across
+  # replicas: a collective inside the step.
+  step_collectives = True
 
   def __init__(self, config: TrainerConfig, manifest: mf.Manifest, model: RetrievalModel):
     self.model = model
     self.all_positions = config.all_positions and manifest.samples == "windows"
     self.log_q = tf.constant(item_log_q(manifest))
+    self.num_items = manifest.vocab_sizes["items"]
+    self.catalogue_softmax = config_lib.resolved_loss(config, manifest) == "softmax"
+    self.softmax = CatalogueSoftmaxLoss(config.temperature)
     self.loss = InBatchSoftmaxLoss(
         temperature=config.temperature,
         remove_accidental_hits=config.remove_accidental_hits,
@@ -56,7 +63,6 @@ class RetrievalTask:
         cross_replica=config.cross_replica_negatives,
         num_negatives=config.num_negatives)
     self.seed = config.seed
-    self.cross_replica_negatives = config.cross_replica_negatives
 
   def compute_loss(self, batch: dict[str, tf.Tensor], training: bool = True,
                    step: tf.Tensor | int = 0) -> tf.Tensor:
@@ -80,6 +86,10 @@ class RetrievalTask:
                                       seed=seed)
       positives = target
       weights = tf.ones(tf.shape(target), tf.float32)
+    if self.catalogue_softmax:
+      item_vectors = self.model.item_vectors(tf.range(self.num_items), training=training,
+                                             seed=seed)
+      return self.softmax(queries, item_vectors, positives, weights)
     candidates = self.model.item_vectors(positives, training=training, seed=seed)
     return self.loss(queries, candidates, positives, weights, tf.gather(self.log_q, positives),
                      seed=seed)
@@ -87,7 +97,7 @@ class RetrievalTask:
 
 class RankingTask:
   """Pointwise click-through loss of the ranker over (user, candidate) examples."""
-  cross_replica_negatives = False
+  step_collectives = False  # replica batches are equal: each share is its mean / replicas
 
   def __init__(self, config: TrainerConfig, manifest: mf.RankingManifest, model):
     del manifest

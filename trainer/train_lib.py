@@ -216,12 +216,12 @@ class Trainer:
         scaled = optimizer.scale_loss(loss) if scale else loss
       return loss, tape.gradient(scaled, variables)
 
-    # all_gather inside a nested XLA function cannot reach the cross-replica
-    # context ("merge_call called while defining a new graph"), so with
-    # gathered negatives over several replicas the step runs without XLA.
-    gathers = self.task.cross_replica_negatives and strategy.num_replicas_in_sync > 1
-    if self.config.use_xla and gathers:
-      logging.info("jit_compile: off for the step (cross-replica negatives on %d replicas)",
+    # A collective (all_gather, all_reduce) inside a nested XLA function cannot
+    # reach the cross-replica context ("merge_call called while defining a new
+    # graph"), so a retrieval loss on several replicas runs without XLA.
+    collectives = self.task.step_collectives and strategy.num_replicas_in_sync > 1
+    if self.config.use_xla and collectives:
+      logging.info("jit_compile: off for the step (the loss's collectives on %d replicas)",
                    strategy.num_replicas_in_sync)
     elif self.config.use_xla:
       forward_backward = tf.function(forward_backward, jit_compile=True)
@@ -266,10 +266,13 @@ class Trainer:
     writer = tf.summary.create_file_writer(str(self.model_dir / "summaries" / "train")) \
         if self.is_chief else tf.summary.create_noop_writer()
     periodic_eval = self._evaluator(c.eval_max_users) if c.eval_every_steps else None
-    logging.info("training %s: %d steps (%d per epoch), global batch %d on %d replicas",
+    logging.info("training %s: %d steps (%d per epoch), global batch %d on %d replicas%s",
                  c.model, self.total_steps, self.steps_per_epoch, c.batch_size,
-                 self.strategy.num_replicas_in_sync)
+                 self.strategy.num_replicas_in_sync,
+                 "" if c.model in config_lib.RANKING_MODELS else
+                 f", loss {config_lib.resolved_loss(c, self.manifest)}")
     interrupted = False
+    train_started = time.perf_counter()
     window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
     with _StopFlag() as stop:
       while step < self.total_steps:
@@ -313,6 +316,7 @@ class Trainer:
           interrupted = True
           break
     writer.flush()
+    train_seconds = time.perf_counter() - train_started  # this invocation's loop, evals included
     result_metrics, headline = None, ""
     if not interrupted:
       self._save(step)
@@ -324,8 +328,12 @@ class Trainer:
       result_metrics = self._log_eval(final_eval, final_eval.evaluate(
           self.model, reranked_dir=self.model_dir), step)
       headline = final_eval.headline(result_metrics)
+      by_split = {} if c.model in config_lib.RANKING_MODELS else \
+          self._every_split(result_metrics, step)
       write_json_atomic(self.model_dir / METRICS_FILE,
-                        {"model": c.model, "global_step": step, **result_metrics})
+                        {"model": c.model, "global_step": step,
+                         "train_seconds": round(train_seconds, 1), **result_metrics,
+                         **({"by_split": by_split} if by_split else {})})
       if c.export and c.model in config_lib.RANKING_MODELS:
         path = export.export_ranker(self.model, self.manifest, self.model_dir, step)
         logging.info("exported %s", path)
@@ -333,6 +341,19 @@ class Trainer:
         path = export.export(self.model, c.model, self.manifest, self.model_dir, step)
         logging.info("exported %s", path)
     return RunResult(step, interrupted, result_metrics, headline)
+
+  def _every_split(self, eval_split_result: dict, step: int) -> dict:
+    """Metrics of every held-out split at the end (valid to choose on, test to
+    report), so one run gives both without retraining."""
+    c = self.config
+    by_split = {c.eval_split: eval_split_result}
+    for split in self.manifest.eval_splits:
+      if split not in by_split:
+        evaluator = evaluation.Evaluator(self.manifest, split, c.eval_topk, c.eval_negatives,
+                                         c.eval_batch_size, 0, c.seed)
+        by_split[split] = evaluator.evaluate(self.model)
+        logging.info("eval at step %d: %s", step, evaluator.headline(by_split[split]))
+    return by_split
 
   def _save(self, step: int) -> None:
     """Checkpoints `step` unless that step is already the latest checkpoint."""

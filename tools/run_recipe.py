@@ -1,0 +1,163 @@
+"""Runs a recipe end to end with N seeds: preprocess -> trainer -> evaluation.
+
+  python tools/run_recipe.py --recipe=configs/ml1m_sasrec.flags --seeds=1,2,3 \
+      --work_dir=build/recipes/ml1m_sasrec
+
+A recipe is a trainer flagfile (`trainer --flagfile=...`) whose header names
+the data it needs in one comment line:
+
+  # preprocess: --source=sasrec_txt --input=$DATA/ml-1m/ml-1m.txt.gz ...
+
+`$DATA` is --data_root (default ../shared/data, beside the repository). The
+data is preprocessed once into WORK/data (reused while the preprocess flags
+are the same), then every seed trains in WORK/seed_S. The trainer evaluates
+every held-out split at the end, so one run gives the validation metrics
+(to choose on) and the test metrics (to report); this prints them per seed
+with their mean and sample standard deviation, and writes WORK/summary.json.
+Flags after `--` go to every trainer run and override the recipe's (for
+ablations: `-- --loss=in_batch`). A seed whose metrics.json exists is not
+retrained (delete WORK/seed_S to redo it).
+"""
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("recipe", None, "Trainer flagfile with a `# preprocess:` header line.")
+flags.DEFINE_list("seeds", ["1", "2", "3"], "Trainer seeds, one run each.")
+flags.DEFINE_string("work_dir", None, "Data and one model directory per seed go here.")
+flags.DEFINE_string("data_root", str(Path(__file__).resolve().parents[1].parent / "shared" /
+                                     "data"), "What $DATA stands for in the recipe.")
+flags.DEFINE_list("metrics", ["hit_rate@10", "ndcg@10", "hit_rate@20", "ndcg@20",
+                              "hit_rate@50", "ndcg@50"], "Metrics to summarise.")
+flags.mark_flags_as_required(["recipe", "work_dir"])
+
+PREPROCESS_TAG = "# preprocess:"
+SUMMARY_FILE = "summary.json"
+
+
+class RecipeError(Exception):
+  pass
+
+
+def preprocess_flags(recipe: Path, data_root: str) -> list[str]:
+  """The `# preprocess:` header line of the recipe, with $DATA substituted."""
+  lines = [line[len(PREPROCESS_TAG):] for line in recipe.read_text().splitlines()
+           if line.startswith(PREPROCESS_TAG)]
+  if len(lines) != 1:
+    raise RecipeError(f"{recipe}: needs exactly one '{PREPROCESS_TAG} FLAGS' line, "
+                      f"found {len(lines)}")
+  args = shlex.split(lines[0].replace("$DATA", data_root))
+  for arg in args:
+    if arg.split("=", 1)[0] in ("--output_dir", "--overwrite"):
+      raise RecipeError(f"{recipe}: {arg} is set by run_recipe.py, not by the recipe")
+  return args
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for a single value)."""
+  a = np.asarray(values, dtype=np.float64)
+  return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarize(runs: dict[int, dict], metric_names: list[str]) -> dict:
+  """{"splits": {split: {metric: {"mean", "std", "values"}}}, "train_seconds": ...}."""
+  summary: dict = {"seeds": sorted(runs), "splits": {}}
+  splits = sorted({s for m in runs.values() for s in m["by_split"]}, key=_split_order)
+  for split in splits:
+    summary["splits"][split] = {}
+    for name in metric_names:
+      values = [runs[seed]["by_split"][split][name] for seed in sorted(runs)]
+      mean, std = mean_and_spread(values)
+      summary["splits"][split][name] = {"mean": mean, "std": std, "values": values}
+  seconds = [runs[seed].get("train_seconds", float("nan")) for seed in sorted(runs)]
+  mean, std = mean_and_spread(seconds)
+  summary["train_seconds"] = {"mean": mean, "std": std, "values": seconds}
+  return summary
+
+
+def _split_order(split: str) -> tuple:
+  return ({"valid": 0, "test": 1}.get(split, 2), split)
+
+
+def format_table(summary: dict, metric_names: list[str]) -> str:
+  header = ["split", "seed"] + metric_names + ["train s"]
+  rows = []
+  for split, by_metric in summary["splits"].items():
+    for i, seed in enumerate(summary["seeds"]):
+      rows.append([split, str(seed)] +
+                  [f"{by_metric[m]['values'][i]:.4f}" for m in metric_names] +
+                  [f"{summary['train_seconds']['values'][i]:.0f}"])
+    rows.append([split, "mean±sd"] +
+                [f"{by_metric[m]['mean']:.4f}±{by_metric[m]['std']:.4f}"
+                 for m in metric_names] +
+                [f"{summary['train_seconds']['mean']:.0f}±{summary['train_seconds']['std']:.0f}"])
+  widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + rows)
+
+
+def _run(cmd: list[str], log: Path) -> None:
+  print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+  started = time.perf_counter()
+  with open(log, "w") as out:
+    code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+  if code != 0:
+    tail = "\n".join(log.read_text().splitlines()[-15:])
+    raise RecipeError(f"exit {code} after {time.perf_counter() - started:.0f}s; "
+                      f"log {log}:\n{tail}")
+  print(f"  done in {time.perf_counter() - started:.0f}s (log {log})", flush=True)
+
+
+def _binary(name: str) -> list[str]:
+  # The installed entry point, or the module from this checkout.
+  return [shutil.which(name)] if shutil.which(name) else [sys.executable, "-m", f"{name}.main"]
+
+
+def main(argv):
+  extra = argv[1:]
+  recipe = Path(FLAGS.recipe)
+  work = Path(FLAGS.work_dir)
+  try:
+    if not recipe.is_file():
+      raise RecipeError(f"--recipe={recipe}: no such file")
+    seeds = [int(s) for s in FLAGS.seeds]
+    pre_args = preprocess_flags(recipe, FLAGS.data_root)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data"
+    stamp = work / "preprocess_flags.json"
+    if not (data / "manifest.json").is_file() or not stamp.is_file() or \
+        json.loads(stamp.read_text()) != pre_args:
+      _run(_binary("preprocess") + pre_args + [f"--output_dir={data}", "--overwrite"],
+           work / "preprocess.log")
+      stamp.write_text(json.dumps(pre_args))
+    runs = {}
+    for seed in seeds:
+      model_dir = work / f"seed_{seed}"
+      metrics_file = model_dir / "metrics.json"
+      if not metrics_file.is_file():
+        _run(_binary("trainer") + [f"--flagfile={recipe}", f"--data_dir={data}",
+                                   f"--model_dir={model_dir}", f"--seed={seed}"] + extra,
+             work / f"seed_{seed}.log")
+      runs[seed] = json.loads(metrics_file.read_text())
+      if "by_split" not in runs[seed]:
+        raise RecipeError(f"{metrics_file}: no by_split metrics (a retrieval model's run?)")
+  except (RecipeError, ValueError) as e:
+    sys.exit(f"run_recipe: {e}")
+  summary = summarize(runs, FLAGS.metrics)
+  summary.update(recipe=str(recipe), preprocess=pre_args, trainer_overrides=extra)
+  tmp = work / (SUMMARY_FILE + ".tmp")
+  tmp.write_text(json.dumps(summary, indent=2))
+  tmp.replace(work / SUMMARY_FILE)
+  print(format_table(summary, FLAGS.metrics))
+
+
+if __name__ == "__main__":
+  app.run(main)
