@@ -69,6 +69,18 @@ def test_a_recipe_without_its_preprocess_line_is_refused(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_an_unknown_metric_is_named_and_no_summary_is_written(tiny_news_dir, tmp_path):
+  recipe = tmp_path / "tiny.flags"
+  recipe.write_text(RECIPE)
+  work = tmp_path / "work"
+  result = run_tool(f"--recipe={recipe}", "--seeds=1", f"--work_dir={work}",
+                    f"--data_root={tiny_news_dir.parent}", "--metrics=hit_rate@100")
+  assert result.returncode != 0
+  assert "run_recipe: --metrics: 'hit_rate@100' is not among the valid metrics of seed 1" in \
+      result.stderr
+  assert not (work / "summary.json").exists()
+
+
 def test_summary_mean_and_sample_spread_by_hand():
   # ndcg values 0.1 and 0.3: mean 0.2, sample sd sqrt(((-.1)^2 + .1^2) / 1) = 0.1414214.
   runs = {s: {"by_split": {"test": {"ndcg@10": v}}, "train_seconds": t}

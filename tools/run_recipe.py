@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from preprocess.fileio import write_json_atomic
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("recipe", None, "Trainer flagfile with a `# preprocess:` header line.")
 flags.DEFINE_list("seeds", ["1", "2", "3"], "Trainer seeds, one run each.")
@@ -75,6 +77,10 @@ def summarize(runs: dict[int, dict], metric_names: list[str]) -> dict:
   for split in splits:
     summary["splits"][split] = {}
     for name in metric_names:
+      missing = [seed for seed in sorted(runs) if name not in runs[seed]["by_split"][split]]
+      if missing:
+        raise RecipeError(f"--metrics: {name!r} is not among the {split} metrics of seed "
+                          f"{missing[0]} (see its metrics.json; --eval_topk sets the cut-offs)")
       values = [runs[seed]["by_split"][split][name] for seed in sorted(runs)]
       mean, std = mean_and_spread(values)
       summary["splits"][split][name] = {"mean": mean, "std": std, "values": values}
@@ -118,7 +124,8 @@ def _run(cmd: list[str], log: Path) -> None:
 
 def _binary(name: str) -> list[str]:
   # The installed entry point, or the module from this checkout.
-  return [shutil.which(name)] if shutil.which(name) else [sys.executable, "-m", f"{name}.main"]
+  path = shutil.which(name)
+  return [path] if path else [sys.executable, "-m", f"{name}.main"]
 
 
 def main(argv):
@@ -137,7 +144,7 @@ def main(argv):
         json.loads(stamp.read_text()) != pre_args:
       _run(_binary("preprocess") + pre_args + [f"--output_dir={data}", "--overwrite"],
            work / "preprocess.log")
-      stamp.write_text(json.dumps(pre_args))
+      write_json_atomic(stamp, pre_args)
     runs = {}
     for seed in seeds:
       model_dir = work / f"seed_{seed}"
@@ -149,13 +156,11 @@ def main(argv):
       runs[seed] = json.loads(metrics_file.read_text())
       if "by_split" not in runs[seed]:
         raise RecipeError(f"{metrics_file}: no by_split metrics (a retrieval model's run?)")
+    summary = summarize(runs, FLAGS.metrics)
   except (RecipeError, ValueError) as e:
     sys.exit(f"run_recipe: {e}")
-  summary = summarize(runs, FLAGS.metrics)
   summary.update(recipe=str(recipe), preprocess=pre_args, trainer_overrides=extra)
-  tmp = work / (SUMMARY_FILE + ".tmp")
-  tmp.write_text(json.dumps(summary, indent=2))
-  tmp.replace(work / SUMMARY_FILE)
+  write_json_atomic(work / SUMMARY_FILE, summary)
   print(format_table(summary, FLAGS.metrics))
 
 

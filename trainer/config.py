@@ -197,18 +197,19 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
     bad(f"--eval_negatives={config.eval_negatives}: the catalogue has only "
         f"{manifest.vocab_sizes['items'] - 1} items")
   queries = loss_positions_per_step(config, manifest)
-  pool = min(config.num_negatives, queries) if config.num_negatives else queries
   if resolved_loss(config, manifest) == "softmax":
-    pool = manifest.vocab_sizes["items"]
-    if queries * pool > MAX_LOGITS:
+    items = manifest.vocab_sizes["items"]
+    if queries * items > MAX_LOGITS:
       bad(f"--loss=softmax: --batch_size={config.batch_size} gives {queries} loss positions per "
-          f"step against {pool} items, a {queries}x{pool} logits matrix; lower --batch_size to "
-          f"<= {max(1, config.batch_size * MAX_LOGITS // (queries * pool))} or use "
+          f"step against {items} items, a {queries}x{items} logits matrix; lower --batch_size to "
+          f"<= {max(1, config.batch_size * MAX_LOGITS // (queries * items))} or use "
           "--loss=in_batch")
-  elif queries * pool > MAX_LOGITS:
-    bad(f"--batch_size={config.batch_size} gives {queries} loss positions per step against "
-        f"{pool} negatives, a {queries}x{pool} logits matrix; lower --batch_size or set "
-        f"--num_negatives <= {max(1, MAX_LOGITS // queries)}")
+  else:
+    pool = min(config.num_negatives, queries) if config.num_negatives else queries
+    if queries * pool > MAX_LOGITS:
+      bad(f"--batch_size={config.batch_size} gives {queries} loss positions per step against "
+          f"{pool} negatives, a {queries}x{pool} logits matrix; lower --batch_size or set "
+          f"--num_negatives <= {max(1, MAX_LOGITS // queries)}")
   if max(config.eval_topk) > manifest.vocab_sizes["items"] - 1:
     bad(f"--eval_topk={max(config.eval_topk)} exceeds the {manifest.vocab_sizes['items'] - 1} "
         "items")

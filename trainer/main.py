@@ -61,7 +61,8 @@ flags.DEFINE_list("rank_eval_topk", list(map(str, _D.rank_eval_topk)),
                   "dien: HitRate/NDCG cut-offs of the reranked lists.")
 flags.DEFINE_enum("loss", _D.loss, list(config_lib.LOSSES),
                   "in_batch: in-batch negatives (any catalogue size); softmax: full softmax over "
-                  "every item (exact, for catalogues up to ~100k items).")
+                  "every item (exact, for catalogues up to ~100k items); auto: softmax when its "
+                  "logits fit in memory, else in_batch.")
 flags.DEFINE_boolean("symmetric_loss", _D.symmetric_loss, "Add the item->user softmax.")
 flags.DEFINE_boolean("cross_replica_negatives", _D.cross_replica_negatives,
                      "Gather negatives from all replicas (the global batch).")

@@ -242,14 +242,15 @@ class Trainer:
 
     return train_loop
 
-  def _evaluator(self, max_users: int):
+  def _evaluator(self, max_users: int, split: str | None = None):
+    """The evaluator of --eval_split (or `split`, retrieval models only)."""
     c = self.config
     if c.model in config_lib.RANKING_MODELS:
       # Rows per batch do not change results; large batches amortise the GRU's small ops.
       return ranking_eval.RankingEvaluator(self.manifest, c.rank_eval_topk, max_users=max_users,
                                            seed=c.seed)
-    return evaluation.Evaluator(self.manifest, c.eval_split, c.eval_topk, c.eval_negatives,
-                                c.eval_batch_size, max_users, c.seed)
+    return evaluation.Evaluator(self.manifest, split or c.eval_split, c.eval_topk,
+                                c.eval_negatives, c.eval_batch_size, max_users, c.seed)
 
   def run(self) -> RunResult:
     c = self.config
@@ -345,12 +346,10 @@ class Trainer:
   def _every_split(self, eval_split_result: dict, step: int) -> dict:
     """Metrics of every held-out split at the end (valid to choose on, test to
     report), so one run gives both without retraining."""
-    c = self.config
-    by_split = {c.eval_split: eval_split_result}
+    by_split = {self.config.eval_split: eval_split_result}
     for split in self.manifest.eval_splits:
       if split not in by_split:
-        evaluator = evaluation.Evaluator(self.manifest, split, c.eval_topk, c.eval_negatives,
-                                         c.eval_batch_size, 0, c.seed)
+        evaluator = self._evaluator(0, split)
         by_split[split] = evaluator.evaluate(self.model)
         logging.info("eval at step %d: %s", step, evaluator.headline(by_split[split]))
     return by_split
