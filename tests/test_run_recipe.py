@@ -35,12 +35,17 @@ def run_tool(*args):
                         capture_output=True, text=True, cwd=ROOT)
 
 
-def test_two_seeds_give_valid_and_test_metrics_and_their_mean(tiny_news_dir, tmp_path):
-  recipe = tmp_path / "tiny.flags"
+def run_tiny_recipe(tiny_news_dir, work, seeds, metrics):
+  """The tiny RECIPE through the tool; the recipe file sits beside `work`."""
+  recipe = work.parent / "tiny.flags"
   recipe.write_text(RECIPE)
+  return run_tool(f"--recipe={recipe}", f"--seeds={seeds}", f"--work_dir={work}",
+                  f"--data_root={tiny_news_dir.parent}", f"--metrics={metrics}")
+
+
+def test_two_seeds_give_valid_and_test_metrics_and_their_mean(tiny_news_dir, tmp_path):
   work = tmp_path / "work"
-  result = run_tool(f"--recipe={recipe}", "--seeds=1,2", f"--work_dir={work}",
-                    f"--data_root={tiny_news_dir.parent}", "--metrics=hit_rate@10,ndcg@10")
+  result = run_tiny_recipe(tiny_news_dir, work, "1,2", "hit_rate@10,ndcg@10")
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((work / "summary.json").read_text())
   assert summary["seeds"] == [1, 2]
@@ -55,8 +60,7 @@ def test_two_seeds_give_valid_and_test_metrics_and_their_mean(tiny_news_dir, tmp
   assert config["seed"] == 2 and config["loss"] == "softmax" and config["train_steps"] == 4
   assert "mean±sd" in result.stdout
   # A second call reuses the data and the finished seeds: nothing is rerun.
-  again = run_tool(f"--recipe={recipe}", "--seeds=1,2", f"--work_dir={work}",
-                   f"--data_root={tiny_news_dir.parent}", "--metrics=hit_rate@10,ndcg@10")
+  again = run_tiny_recipe(tiny_news_dir, work, "1,2", "hit_rate@10,ndcg@10")
   assert again.returncode == 0 and "$ " not in again.stdout
 
 
@@ -70,11 +74,8 @@ def test_a_recipe_without_its_preprocess_line_is_refused(tmp_path):
 
 
 def test_an_unknown_metric_is_named_and_no_summary_is_written(tiny_news_dir, tmp_path):
-  recipe = tmp_path / "tiny.flags"
-  recipe.write_text(RECIPE)
   work = tmp_path / "work"
-  result = run_tool(f"--recipe={recipe}", "--seeds=1", f"--work_dir={work}",
-                    f"--data_root={tiny_news_dir.parent}", "--metrics=hit_rate@100")
+  result = run_tiny_recipe(tiny_news_dir, work, "1", "hit_rate@100")
   assert result.returncode != 0
   assert "run_recipe: --metrics: 'hit_rate@100' is not among the valid metrics of seed 1" in \
       result.stderr
