@@ -49,12 +49,14 @@ def tiny_windows(tiny_news_dir, tmp_path_factory):
 def small_trainer_config(data_dir, model_dir, **overrides):
   """A model small enough for unit tests to train in a second or two."""
   from trainer.config import TrainerConfig
-  base = TrainerConfig(data_dir=str(data_dir), model_dir=str(model_dir), batch_size=16,
-                       emb_dim=16, num_heads=2, num_blocks=1, ff_dim=16, tower_units=(16,),
-                       train_steps=4, steps_per_loop=2, log_every_steps=2,
-                       checkpoint_every_steps=2, eval_topk=(5, 10), eval_batch_size=64,
-                       warmup_steps=1, jit_compile=False, shuffle_buffer=256)
-  return dataclasses.replace(base, **overrides)
+  base = dict(data_dir=str(data_dir), model_dir=str(model_dir), batch_size=16,
+              emb_dim=16, num_heads=2, num_blocks=1, ff_dim=16, tower_units=(16,),
+              train_steps=4, steps_per_loop=2, log_every_steps=2,
+              checkpoint_every_steps=2, eval_topk=(5, 10), eval_batch_size=64,
+              warmup_steps=1, jit_compile=False, shuffle_buffer=256)
+  # Built in one call, not dataclasses.replace: the model's own defaults
+  # (MODEL_DEFAULTS) must resolve for the model asked for.
+  return TrainerConfig(**{**base, **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -171,6 +171,22 @@ def test_catalogue_softmax_gradient_is_finite_with_padding_rows():
   assert np.all(np.isfinite(grad.numpy())) and np.all(grad.numpy()[0] == 0)
 
 
+def test_catalogue_softmax_drops_padding_rows_even_when_all_are_padding():
+  # The padding query (row 1) is dropped before the matmul: its gradient is 0.
+  # A batch of padding only (a replica whose slice has no real row) is 0, not NaN.
+  items = tf.constant([[0.0, 0.0], [1, 0], [0, 1]])
+  q = tf.Variable([[1.0, 0], [5.0, 5.0]])
+  layer = CatalogueSoftmaxLoss(temperature=1.0)
+  with tf.GradientTape() as tape:
+    value = layer(q, items, tf.constant([1, 0]), tf.constant([1.0, 0.0]))
+  assert float(value) == pytest.approx(0.3132617, abs=1e-6)  # log(e + 1) - 1, as above
+  np.testing.assert_array_equal(tf.convert_to_tensor(tape.gradient(value, q))[1], [0.0, 0.0])
+  with tf.GradientTape() as tape:
+    value = layer(q, items, tf.constant([0, 0]), tf.constant([0.0, 0.0]))
+  assert float(value) == 0.0
+  np.testing.assert_array_equal(tf.convert_to_tensor(tape.gradient(value, q)), np.zeros((2, 2)))
+
+
 def test_catalogue_softmax_on_two_replicas_equals_single_device():
   """Each replica's share sums to the global weighted mean, unequal real rows per replica."""
   strategy = strategies.mirrored(("/cpu:0", "/cpu:1"))

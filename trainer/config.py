@@ -22,9 +22,23 @@ STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 LR_SCHEDULES = ("constant", "cosine")
 LOSSES = ("auto", "in_batch", "softmax")
 CONFIG_FILE = "trainer_config.json"
-# The loss holds a (queries x negatives) logits matrix per step; 2**26 float32
-# entries (256 MB, and as much again for its gradient) is the most we allow.
-MAX_LOGITS = 2**26
+# The loss holds a (queries x negatives) logits matrix per step; 2**27 float32
+# entries (512 MB, and as much again for its gradient) is the most we allow.
+# Counted over every position, although the catalogue softmax computes the
+# real (non-padding) ones only, so the bound is conservative.
+MAX_LOGITS = 2**27
+# Defaults that depend on --model (None in TrainerConfig until resolved).
+# The retrieval models use what won on ML-1M (BUILD_NOTES.md, "SASRec
+# quality"): the catalogue softmax when it fits, no dropout (dropout 0.2 held
+# SASRec at the most-popular level for epochs), a higher peak rate with
+# cosine decay. The ranker keeps the settings its ablation was measured with.
+MODEL_DEFAULTS = {
+    "sasrec": {"loss": "auto", "dropout": 0.0, "learning_rate": 2e-3, "lr_schedule": "cosine"},
+    "two_tower": {"loss": "auto", "dropout": 0.0, "learning_rate": 2e-3,
+                  "lr_schedule": "cosine"},
+    "dien": {"loss": "in_batch", "dropout": 0.2, "learning_rate": 1e-3,
+             "lr_schedule": "constant"},
+}
 # Fields that define the variables a checkpoint holds.
 ARCHITECTURE_FIELDS = ("model", "emb_dim", "num_heads", "num_blocks", "ff_dim", "tower_units",
                        "mixed_precision", "gru_units", "evolution", "aux_loss_weight",
@@ -43,8 +57,8 @@ class TrainerConfig:
   batch_size: int = 128  # global, over all replicas
   epochs: int = 20
   train_steps: int = 0  # > 0: overrides epochs
-  learning_rate: float = 1e-3
-  lr_schedule: str = "constant"
+  learning_rate: float | None = None  # None: MODEL_DEFAULTS
+  lr_schedule: str | None = None
   warmup_steps: int = 100
   seed: int = 42
   shuffle_buffer: int = 16384
@@ -53,7 +67,7 @@ class TrainerConfig:
   num_heads: int = 2
   num_blocks: int = 2
   ff_dim: int = 128
-  dropout: float = 0.2
+  dropout: float | None = None
   temperature: float = 0.05
   tower_units: tuple[int, ...] = (128, 64)  # two_tower tower / dien top MLP hidden layers
   # dien (the ranker).
@@ -67,9 +81,8 @@ class TrainerConfig:
   rank_eval_topk: tuple[int, ...] = (5, 10)
   # Loss.
   # softmax: the whole catalogue; in_batch: negatives from the batch; auto:
-  # softmax when its logits fit MAX_LOGITS (see resolved_loss). The default
-  # moves with the rest of the issue 6 recipe once its ablation is complete.
-  loss: str = "in_batch"
+  # softmax when its logits fit MAX_LOGITS (see resolved_loss).
+  loss: str | None = None
   symmetric_loss: bool = False
   cross_replica_negatives: bool = True
   remove_accidental_hits: bool = True
@@ -92,6 +105,14 @@ class TrainerConfig:
   # 1.4x slower under XLA on CPU, after a 45 s compile; BUILD_NOTES.md).
   jit_compile: bool | None = None
   export: bool = True
+
+  def __post_init__(self):
+    # Resolved once, at construction: dataclasses.replace(config, model=...)
+    # keeps the first model's values, so build a new config to switch models.
+    # An unknown model resolves like sasrec; validate() then names the flag.
+    for field, value in MODEL_DEFAULTS.get(self.model, MODEL_DEFAULTS["sasrec"]).items():
+      if getattr(self, field) is None:
+        object.__setattr__(self, field, value)
 
   @property
   def use_xla(self) -> bool:

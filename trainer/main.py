@@ -22,6 +22,13 @@ from trainer import config as config_lib
 
 FLAGS = flags.FLAGS
 _D = config_lib.TrainerConfig()
+
+
+def _by_model(field: str) -> str:
+  return "default: " + ", ".join(f"{defaults[field]} for {model}"
+                                 for model, defaults in config_lib.MODEL_DEFAULTS.items())
+
+
 flags.DEFINE_enum("model", _D.model, config_lib.MODELS, "Model to train.")
 flags.DEFINE_string("data_dir", None, "preprocess output directory (has manifest.json).")
 flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, metrics and export go here.")
@@ -31,9 +38,11 @@ flags.DEFINE_integer("num_cpu_replicas", _D.num_cpu_replicas,
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size over all replicas.")
 flags.DEFINE_integer("epochs", _D.epochs, "Epochs over the training split.")
 flags.DEFINE_integer("train_steps", _D.train_steps, "If > 0: total steps (overrides --epochs).")
-flags.DEFINE_float("learning_rate", _D.learning_rate, "Peak Adam learning rate.")
-flags.DEFINE_enum("lr_schedule", _D.lr_schedule, config_lib.LR_SCHEDULES,
-                  "After warm-up: constant, or cosine decay to 0 at the last step.")
+flags.DEFINE_float("learning_rate", None,
+                   f"Peak Adam learning rate ({_by_model('learning_rate')}).")
+flags.DEFINE_enum("lr_schedule", None, config_lib.LR_SCHEDULES,
+                  "After warm-up: constant, or cosine decay to 0 at the last step "
+                  f"({_by_model('lr_schedule')}).")
 flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear learning-rate warm-up steps.")
 flags.DEFINE_integer("seed", _D.seed, "Seed of initialisation, dropout and data order.")
 flags.DEFINE_integer("shuffle_buffer", _D.shuffle_buffer, "Example shuffle buffer.")
@@ -41,7 +50,7 @@ flags.DEFINE_integer("emb_dim", _D.emb_dim, "Embedding and output vector size.")
 flags.DEFINE_integer("num_heads", _D.num_heads, "sasrec: attention heads.")
 flags.DEFINE_integer("num_blocks", _D.num_blocks, "sasrec: transformer blocks.")
 flags.DEFINE_integer("ff_dim", _D.ff_dim, "sasrec: feed-forward width.")
-flags.DEFINE_float("dropout", _D.dropout, "Dropout rate.")
+flags.DEFINE_float("dropout", None, f"Dropout rate ({_by_model('dropout')}).")
 flags.DEFINE_float("temperature", _D.temperature, "Softmax temperature on cosine scores.")
 flags.DEFINE_list("tower_units", list(map(str, _D.tower_units)),
                   "two_tower: hidden layer widths of both towers; dien: of the top MLP.")
@@ -59,10 +68,10 @@ flags.DEFINE_boolean("wide_dense", _D.wide_dense,
                      "dien: add a linear logit over the standardised dense features (Wide & Deep).")
 flags.DEFINE_list("rank_eval_topk", list(map(str, _D.rank_eval_topk)),
                   "dien: HitRate/NDCG cut-offs of the reranked lists.")
-flags.DEFINE_enum("loss", _D.loss, list(config_lib.LOSSES),
+flags.DEFINE_enum("loss", None, list(config_lib.LOSSES),
                   "in_batch: in-batch negatives (any catalogue size); softmax: full softmax over "
                   "every item (exact, for catalogues up to ~100k items); auto: softmax when its "
-                  "logits fit in memory, else in_batch.")
+                  f"logits fit in memory, else in_batch ({_by_model('loss')}).")
 flags.DEFINE_boolean("symmetric_loss", _D.symmetric_loss, "Add the item->user softmax.")
 flags.DEFINE_boolean("cross_replica_negatives", _D.cross_replica_negatives,
                      "Gather negatives from all replicas (the global batch).")
@@ -102,7 +111,9 @@ def config_from_flags() -> config_lib.TrainerConfig:
     value = getattr(FLAGS, field)
     if field in ("tower_units", "eval_topk", "rank_eval_topk"):
       value = cli.int_tuple(value, field)
-    values[field] = value if value is not None or field == "jit_compile" else ""
+    # None keeps a model-dependent default (and jit_compile's) unresolved.
+    resolved_later = field == "jit_compile" or field in config_lib.MODEL_DEFAULTS["sasrec"]
+    values[field] = value if value is not None or resolved_later else ""
   return config_lib.TrainerConfig(**values)
 
 

@@ -1,5 +1,10 @@
 """Tasks: a parsed batch -> this replica's share of the global mean loss.
 
+Each task has two halves: `forward` (the model: dense, static shapes, what
+the trainer XLA-compiles) and `loss` (outside XLA: it may gather rows of a
+data-dependent count and run collectives across replicas, neither of which
+an XLA cluster nested in a replica step can do). `compute_loss` is both.
+
 RetrievalTask (sasrec, two_tower): the in-batch softmax loss (--loss=in_batch)
 or the softmax over the whole catalogue (--loss=softmax).
 
@@ -44,9 +49,6 @@ def item_log_q(manifest: mf.Manifest) -> np.ndarray:
 
 
 class RetrievalTask:
-  # The loss all-reduces its weight sum (and may gather negatives) across
-  # replicas: a collective inside the step.
-  step_collectives = True
 
   def __init__(self, config: TrainerConfig, manifest: mf.Manifest, model: RetrievalModel):
     self.model = model
@@ -54,8 +56,8 @@ class RetrievalTask:
     self.log_q = tf.constant(item_log_q(manifest))
     self.num_items = manifest.vocab_sizes["items"]
     self.catalogue_softmax = config_lib.resolved_loss(config, manifest) == "softmax"
-    self.softmax = CatalogueSoftmaxLoss(config.temperature)
-    self.loss = InBatchSoftmaxLoss(
+    self.softmax_loss = CatalogueSoftmaxLoss(config.temperature)
+    self.in_batch_loss = InBatchSoftmaxLoss(
         temperature=config.temperature,
         remove_accidental_hits=config.remove_accidental_hits,
         logq_correction=config.logq_correction,
@@ -70,8 +72,14 @@ class RetrievalTask:
 
     `step` seeds dropout and the negative pool, so a resumed run repeats them.
     """
+    return self.loss(self.forward(batch, training, step), step)
+
+  def forward(self, batch: dict[str, tf.Tensor], training: bool = True,
+              step: tf.Tensor | int = 0) -> dict[str, tf.Tensor]:
+    """Queries [n, d], their positives and weights [n], and the item vectors:
+    of every item (catalogue softmax) or of each positive (in-batch)."""
     history, target = batch[mf.FEATURE_HISTORY], batch[mf.FEATURE_TARGET]
-    seed = step_seed(self.seed, step)  # keys the dropout masks and the negative pool
+    seed = step_seed(self.seed, step)  # keys the dropout masks
     if self.all_positions:
       queries = self.model.query_sequence(history, batch[mf.FEATURE_USER], training=training,
                                           seed=seed)
@@ -86,18 +94,21 @@ class RetrievalTask:
                                       seed=seed)
       positives = target
       weights = tf.ones(tf.shape(target), tf.float32)
+    items = tf.range(self.num_items) if self.catalogue_softmax else positives
+    return {"queries": queries, "positives": positives, "weights": weights,
+            "item_vectors": self.model.item_vectors(items, training=training, seed=seed)}
+
+  def loss(self, outputs: dict[str, tf.Tensor], step: tf.Tensor | int = 0) -> tf.Tensor:
+    queries, positives, weights = outputs["queries"], outputs["positives"], outputs["weights"]
     if self.catalogue_softmax:
-      item_vectors = self.model.item_vectors(tf.range(self.num_items), training=training,
-                                             seed=seed)
-      return self.softmax(queries, item_vectors, positives, weights)
-    candidates = self.model.item_vectors(positives, training=training, seed=seed)
-    return self.loss(queries, candidates, positives, weights, tf.gather(self.log_q, positives),
-                     seed=seed)
+      return self.softmax_loss(queries, outputs["item_vectors"], positives, weights)
+    return self.in_batch_loss(queries, outputs["item_vectors"], positives, weights,
+                              tf.gather(self.log_q, positives),
+                              seed=step_seed(self.seed, step))  # keys the negative pool
 
 
 class RankingTask:
   """Pointwise click-through loss of the ranker over (user, candidate) examples."""
-  step_collectives = False  # replica batches are equal: each share is its mean / replicas
 
   def __init__(self, config: TrainerConfig, manifest: mf.RankingManifest, model):
     del manifest
@@ -107,14 +118,23 @@ class RankingTask:
 
   def compute_loss(self, batch: dict[str, tf.Tensor], training: bool = True,
                    step: tf.Tensor | int = 0) -> tf.Tensor:
-    seed = step_seed(self.seed, step)
-    logits, aux_loss = self.model.forward(batch, training=training, seed=seed)
-    labels = tf.cast(batch[mf.FEATURE_LABEL], tf.float32)
-    bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
+    return self.loss(self.forward(batch, training, step), step)
+
+  def forward(self, batch: dict[str, tf.Tensor], training: bool = True,
+              step: tf.Tensor | int = 0) -> dict[str, tf.Tensor]:
+    logits, aux_loss = self.model.forward(batch, training=training,
+                                          seed=step_seed(self.seed, step))
+    return {"logits": logits, "aux_loss": aux_loss,
+            "labels": tf.cast(batch[mf.FEATURE_LABEL], tf.float32)}
+
+  def loss(self, outputs: dict[str, tf.Tensor], step: tf.Tensor | int = 0) -> tf.Tensor:
+    del step
+    bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=outputs["labels"],
+                                                  logits=outputs["logits"])
     ctx = tf.distribute.get_replica_context()
     replicas = ctx.num_replicas_in_sync if ctx is not None else 1
     # Replica batches are equal, so the shares sum to the global mean.
-    share = tf.reduce_mean(bce) + self.aux_loss_weight * aux_loss
+    share = tf.reduce_mean(bce) + self.aux_loss_weight * outputs["aux_loss"]
     return share / tf.cast(replicas, tf.float32)
 
 

@@ -210,21 +210,19 @@ class Trainer:
     variables = model.trainable_variables
     scale = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
+    # XLA compiles the task's forward pass (and so its gradient), not its
+    # loss: the loss gathers a data-dependent number of rows and runs
+    # collectives, which a nested XLA function cannot (see task.py).
+    forward = task.forward
+    if self.config.use_xla:
+      forward = tf.function(forward, jit_compile=True)
+
     def forward_backward(batch):
+      step = tf.convert_to_tensor(optimizer.iterations)  # a tensor argument, not a variable
       with tf.GradientTape() as tape:
-        loss = task.compute_loss(batch, training=True, step=optimizer.iterations)
+        loss = task.loss(forward(batch, training=True, step=step), step)
         scaled = optimizer.scale_loss(loss) if scale else loss
       return loss, tape.gradient(scaled, variables)
-
-    # A collective (all_gather, all_reduce) inside a nested XLA function cannot
-    # reach the cross-replica context ("merge_call called while defining a new
-    # graph"), so a retrieval loss on several replicas runs without XLA.
-    collectives = self.task.step_collectives and strategy.num_replicas_in_sync > 1
-    if self.config.use_xla and collectives:
-      logging.info("jit_compile: off for the step (the loss's collectives on %d replicas)",
-                   strategy.num_replicas_in_sync)
-    elif self.config.use_xla:
-      forward_backward = tf.function(forward_backward, jit_compile=True)
 
     def replica_step(batch):
       loss, grads = forward_backward(batch)
