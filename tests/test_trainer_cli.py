@@ -149,7 +149,8 @@ def test_model_defaults_resolve_per_model_and_yield_to_flags():
   # except where a flag says otherwise.
   assert (dien["dropout"], dien["learning_rate"], dien["lr_schedule"]) == (0.2, 1e-3, "constant")
   assert (sasrec["model"], sasrec["loss"], sasrec["dropout"], sasrec["learning_rate"],
-          sasrec["lr_schedule"]) == ("sasrec", "auto", 0.3, 5e-4, "cosine")
+          sasrec["lr_schedule"], sasrec["temperature"]) == ("sasrec", "auto", 0.3, 5e-4,
+                                                            "cosine", 0.1)
   from trainer.config import TrainerConfig
   two_tower = TrainerConfig(model="two_tower")
   assert (two_tower.loss, two_tower.dropout) == ("auto", 0.0)

@@ -51,7 +51,8 @@ flags.DEFINE_integer("num_heads", _D.num_heads, "sasrec: attention heads.")
 flags.DEFINE_integer("num_blocks", _D.num_blocks, "sasrec: transformer blocks.")
 flags.DEFINE_integer("ff_dim", _D.ff_dim, "sasrec: feed-forward width.")
 flags.DEFINE_float("dropout", None, f"Dropout rate ({_by_model('dropout')}).")
-flags.DEFINE_float("temperature", _D.temperature, "Softmax temperature on cosine scores.")
+flags.DEFINE_float("temperature", None,
+                   f"Softmax temperature on cosine scores ({_by_model('temperature')}).")
 flags.DEFINE_list("tower_units", list(map(str, _D.tower_units)),
                   "two_tower: hidden layer widths of both towers; dien: of the top MLP.")
 flags.DEFINE_integer("gru_units", _D.gru_units, "dien: GRU state size (extractor and evolution).")
