@@ -73,8 +73,8 @@ class InBatchSoftmaxLoss(tf.Module):
     # The pool: indices of this replica's candidates that act as negatives.
     if self.num_negatives:
       # Uniform with replacement over this replica's valid candidates: draw
-      # k in [0, valid) and take the (k+1)-th valid index. No sort, so XLA
-      # compiles it cheaply (its TopK made the step 4x slower).
+      # k in [0, valid) and take the (k+1)-th valid index. No sort: when the
+      # loss was inside the XLA step, a TopK made the step 4x slower.
       local_pool = max(1, self.num_negatives // (replicas if gather else 1))
       seed = tf.zeros([2], tf.int64) if seed is None else tf.cast(seed, tf.int64)
       seed += tf.cast(tf.stack([0, replica_id]), tf.int64)
