@@ -42,6 +42,7 @@ MODEL_DEFAULTS = {
     "dien": {"loss": "in_batch", "dropout": 0.2, "learning_rate": 1e-3,
              "lr_schedule": "constant", "temperature": 0.05},
 }
+MODEL_DEFAULT_FIELDS = tuple(MODEL_DEFAULTS["sasrec"])
 # Fields that define the variables a checkpoint holds.
 ARCHITECTURE_FIELDS = ("model", "emb_dim", "num_heads", "num_blocks", "ff_dim", "tower_units",
                        "mixed_precision", "gru_units", "evolution", "aux_loss_weight",

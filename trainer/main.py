@@ -113,7 +113,7 @@ def config_from_flags() -> config_lib.TrainerConfig:
     if field in ("tower_units", "eval_topk", "rank_eval_topk"):
       value = cli.int_tuple(value, field)
     # None keeps a model-dependent default (and jit_compile's) unresolved.
-    resolved_later = field == "jit_compile" or field in config_lib.MODEL_DEFAULTS["sasrec"]
+    resolved_later = field == "jit_compile" or field in config_lib.MODEL_DEFAULT_FIELDS
     values[field] = value if value is not None or resolved_later else ""
   return config_lib.TrainerConfig(**values)
 

@@ -3,7 +3,9 @@
 Each task has two halves: `forward` (the model: dense, static shapes, what
 the trainer XLA-compiles) and `loss` (outside XLA: it may gather rows of a
 data-dependent count and run collectives across replicas, neither of which
-an XLA cluster nested in a replica step can do). `compute_loss` is both.
+an XLA cluster nested in a replica step can do). The loss of a batch is
+`task.loss(task.forward(batch, training, step), step)`; `step` seeds the
+dropout masks and the negative pool, so a resumed run repeats them.
 
 RetrievalTask (sasrec, two_tower): the in-batch softmax loss (--loss=in_batch)
 or the softmax over the whole catalogue (--loss=softmax).
@@ -49,6 +51,7 @@ def item_log_q(manifest: mf.Manifest) -> np.ndarray:
 
 
 class RetrievalTask:
+  """Next-item retrieval loss of sasrec and two_tower (see the module docstring)."""
 
   def __init__(self, config: TrainerConfig, manifest: mf.Manifest, model: RetrievalModel):
     self.model = model
@@ -65,14 +68,6 @@ class RetrievalTask:
         cross_replica=config.cross_replica_negatives,
         num_negatives=config.num_negatives)
     self.seed = config.seed
-
-  def compute_loss(self, batch: dict[str, tf.Tensor], training: bool = True,
-                   step: tf.Tensor | int = 0) -> tf.Tensor:
-    """This replica's share of the global mean loss (see InBatchSoftmaxLoss).
-
-    `step` seeds dropout and the negative pool, so a resumed run repeats them.
-    """
-    return self.loss(self.forward(batch, training, step), step)
 
   def forward(self, batch: dict[str, tf.Tensor], training: bool = True,
               step: tf.Tensor | int = 0) -> dict[str, tf.Tensor]:
@@ -99,6 +94,7 @@ class RetrievalTask:
             "item_vectors": self.model.item_vectors(items, training=training, seed=seed)}
 
   def loss(self, outputs: dict[str, tf.Tensor], step: tf.Tensor | int = 0) -> tf.Tensor:
+    """This replica's share of the global mean loss (see losses.py)."""
     queries, positives, weights = outputs["queries"], outputs["positives"], outputs["weights"]
     if self.catalogue_softmax:
       return self.softmax_loss(queries, outputs["item_vectors"], positives, weights)
@@ -115,10 +111,6 @@ class RankingTask:
     self.model = model
     self.seed = config.seed
     self.aux_loss_weight = config.aux_loss_weight
-
-  def compute_loss(self, batch: dict[str, tf.Tensor], training: bool = True,
-                   step: tf.Tensor | int = 0) -> tf.Tensor:
-    return self.loss(self.forward(batch, training, step), step)
 
   def forward(self, batch: dict[str, tf.Tensor], training: bool = True,
               step: tf.Tensor | int = 0) -> dict[str, tf.Tensor]:
