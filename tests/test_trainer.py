@@ -36,6 +36,44 @@ def test_one_training_step_per_model_changes_weights_and_loss_is_finite(
   assert int(trainer.optimizer.iterations.numpy()) == 1
 
 
+def test_weight_decay_shrinks_kernels_and_embeddings_but_not_biases_or_layer_norm(
+    tiny_windows, tmp_path):
+  """One step with and without --weight_decay from the same initial weights.
+
+  The gradients of step 1 are the same in both runs, so (AdamW) a decayed
+  variable ends at no_decay - rate * decay * initial and an excluded one
+  (bias, LayerNorm gamma/beta) ends equal. With rate 1e-2 (warm-up 1) and
+  decay 5 the difference is 5% of each initial weight.
+  """
+  rate, decay = 1e-2, 5.0
+  after, initial = {}, None
+  for weight_decay in (0.0, decay):
+    config = small_trainer_config(tiny_windows.data_dir, tmp_path / f"m{weight_decay}",
+                                  train_steps=1, steps_per_loop=1, learning_rate=rate,
+                                  lr_schedule="constant", weight_decay=weight_decay,
+                                  export=False)
+    trainer = train_lib.Trainer(config, tiny_windows)
+    variables = trainer.model.trainable_variables
+    names = [v.name for v in variables]  # paths carry per-instance Keras counters
+    start = [v.numpy() for v in variables]
+    if initial is None:
+      initial = start
+    assert all(np.array_equal(a, b) for a, b in zip(initial, start))  # same seed, same init
+    dataset = trainer.strategy.distribute_datasets_from_function(
+        train_lib.input_pipeline.TrainReader(tiny_windows, 16, 1, trainer.steps_per_epoch))
+    trainer._train_loop_function()(iter(dataset), tf.constant(1))
+    after[weight_decay] = [v.numpy() for v in variables]
+  decayed = 0
+  for name, before, plain, with_decay in zip(names, initial, after[0.0], after[decay]):
+    if name in train_lib.NO_WEIGHT_DECAY:
+      np.testing.assert_array_equal(with_decay, plain, err_msg=name)
+    else:
+      np.testing.assert_allclose(with_decay, plain - rate * decay * before, atol=1e-6,
+                                 err_msg=name)
+      decayed += 1
+  assert decayed >= 6  # embeddings, attention, feed-forward and head kernels
+
+
 @pytest.mark.parametrize("loss", ["in_batch", "softmax"])
 def test_all_positions_loss_uses_every_real_position(tiny_windows, tmp_path, loss):
   config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", loss=loss)

@@ -8,12 +8,12 @@ refused (its checkpoints would not fit).
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from preprocess import manifest as mf
 from preprocess.errors import ConfigError, DataError
+from trainer import cluster
 
 MODELS = ("sasrec", "two_tower", "dien")
 RANKING_MODELS = ("dien",)  # trained on ranking data (preprocess --mode=ranking)
@@ -64,6 +64,8 @@ class TrainerConfig:
   learning_rate: float | None = None  # None: MODEL_DEFAULTS
   lr_schedule: str | None = None
   warmup_steps: int = 100
+  # Decoupled (AdamW) decay of kernels and embeddings, times the scheduled rate.
+  weight_decay: float = 0.0
   seed: int = 42
   shuffle_buffer: int = 16384
   # Model size.
@@ -190,6 +192,8 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
     bad(f"--temperature={config.temperature}: must be > 0")
   if config.learning_rate <= 0:
     bad(f"--learning_rate={config.learning_rate}: must be > 0")
+  if config.weight_decay < 0:
+    bad(f"--weight_decay={config.weight_decay}: must be >= 0")
   if config.lr_schedule not in LR_SCHEDULES:
     bad(f"--lr_schedule={config.lr_schedule!r}: choose from {', '.join(LR_SCHEDULES)}")
   if not config.eval_topk or min(config.eval_topk) < 1:
@@ -198,8 +202,8 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
     bad(f"--tower_units={','.join(map(str, config.tower_units))}: units must be >= 1")
   if config.num_cpu_replicas and config.strategy != "mirrored":
     bad(f"--num_cpu_replicas={config.num_cpu_replicas} needs --strategy=mirrored")
-  if config.strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
-    bad("--strategy=multi_worker needs the TF_CONFIG environment variable (cluster and task)")
+  if config.strategy == "multi_worker":
+    cluster.from_environment()  # ConfigError naming what is wrong with TF_CONFIG
   replicas = known_replica_count(config)
   if replicas and config.batch_size % replicas:
     bad(f"--batch_size={config.batch_size} is not divisible by the {replicas} replicas")

@@ -49,15 +49,17 @@ def _mirrored(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
 
 
 def create(config: TrainerConfig) -> tf.distribute.Strategy:
-  cpu_devices = configure_logical_cpus(config.num_cpu_replicas) if config.num_cpu_replicas \
-      else []
-  gpus = tf.config.list_logical_devices("GPU")
+  if config.strategy == "multi_worker":
+    # First: collectives must be configured before anything (even listing
+    # logical devices) initialises TensorFlow's devices.
+    return tf.distribute.MultiWorkerMirroredStrategy()
   if config.strategy == "default":
     return tf.distribute.get_strategy()
   if config.strategy == "one_device":
+    gpus = tf.config.list_logical_devices("GPU")
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
   if config.strategy == "mirrored":
+    cpu_devices = configure_logical_cpus(config.num_cpu_replicas) \
+        if config.num_cpu_replicas else []
     return mirrored(tuple(cpu_devices))
-  if config.strategy == "multi_worker":
-    return tf.distribute.MultiWorkerMirroredStrategy()
   raise ValueError(f"unknown strategy {config.strategy!r}")

@@ -33,6 +33,7 @@ from absl import logging
 
 from preprocess import manifest as mf
 from preprocess.fileio import write_json_atomic
+from trainer import cluster
 from trainer import config as config_lib
 from trainer import evaluation, export, input_pipeline, models, ranking_eval, strategies
 from trainer import task as task_lib
@@ -41,6 +42,14 @@ from trainer.config import TrainerConfig
 CHECKPOINT_DIR = "checkpoints"
 WORKER_TMP_DIR = "worker_tmp"  # non-chief workers' checkpoints, removed at the end
 METRICS_FILE = "metrics.json"
+NO_WEIGHT_DECAY = ("bias", "gamma", "beta")  # variable names --weight_decay leaves alone
+
+
+# What a collective raises when a peer process dies (connection reset), hangs
+# (TensorFlow's coordination service misses its heartbeats for ~10 s) or
+# cannot be reached.
+PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.AbortedError,
+                 tf.errors.DeadlineExceededError)
 
 
 class TrainingError(RuntimeError):
@@ -108,24 +117,6 @@ def build_model(config: TrainerConfig, manifest):
   return model
 
 
-def _num_input_pipelines(strategy: tf.distribute.Strategy) -> int:
-  resolver = getattr(strategy, "cluster_resolver", None)
-  if resolver is None or not resolver.cluster_spec().as_dict():
-    return 1
-  spec = resolver.cluster_spec()
-  return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs)
-
-
-def _is_chief(strategy: tf.distribute.Strategy) -> bool:
-  resolver = getattr(strategy, "cluster_resolver", None)
-  if resolver is None or not resolver.cluster_spec().as_dict():
-    return True
-  if resolver.task_type == "chief":
-    return True
-  return resolver.task_type == "worker" and resolver.task_id == 0 and \
-      "chief" not in resolver.cluster_spec().jobs
-
-
 class _StopFlag:
   """Set by SIGTERM; the loop checks it between tf.function calls."""
 
@@ -163,8 +154,10 @@ class Trainer:
     if config.batch_size % replicas:
       raise config_lib.ConfigError(
           f"--batch_size={config.batch_size} is not divisible by the {replicas} replicas")
-    self.num_pipelines = _num_input_pipelines(self.strategy)
-    self.is_chief = _is_chief(self.strategy)
+    # One input pipeline per worker process; only the chief writes final paths.
+    self.cluster = cluster.from_environment() if config.strategy == "multi_worker" else None
+    self.num_pipelines = self.cluster.num_workers if self.cluster else 1
+    self.is_chief = self.cluster is None or self.cluster.is_chief
     self.steps_per_epoch = input_pipeline.steps_per_epoch(manifest, config.batch_size, replicas,
                                                           self.num_pipelines)
     self.total_steps = config.train_steps or config.epochs * self.steps_per_epoch
@@ -172,7 +165,11 @@ class Trainer:
       self.model = build_model(config, manifest)
       schedule = WarmupSchedule(config.learning_rate, config.warmup_steps, self.total_steps,
                                 config.lr_schedule)
-      optimizer = keras.optimizers.Adam(learning_rate=schedule)
+      optimizer = keras.optimizers.Adam(learning_rate=schedule,
+                                        weight_decay=config.weight_decay or None)
+      if config.weight_decay:
+        # Decaying a LayerNorm scale or a bias toward 0 is not a prior anyone wants.
+        optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
       if keras.mixed_precision.global_policy().name == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
       self.optimizer = optimizer
@@ -183,23 +180,22 @@ class Trainer:
     self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
     checkpoint_dir = self.model_dir / CHECKPOINT_DIR
     if not self.is_chief:  # other workers write where nobody reads (TF's documented pattern)
-      checkpoint_dir = self.model_dir / WORKER_TMP_DIR / f"worker_{self._task_id()}"
+      checkpoint_dir = self._worker_tmp_dir()
     self.manager = tf.train.CheckpointManager(self.checkpoint, str(checkpoint_dir),
                                               max_to_keep=config.keep_checkpoints)
     self._eval_writer = None
 
-  def _task_id(self) -> int:
-    resolver = getattr(self.strategy, "cluster_resolver", None)
-    return int(resolver.task_id) if resolver is not None else 0
+  def _worker_tmp_dir(self) -> Path:
+    return self.model_dir / WORKER_TMP_DIR / self.cluster.worker_name
 
   @property
   def global_step(self) -> int:
     return int(self.optimizer.iterations.numpy())
 
   def restore(self) -> int:
-    latest = self.manager.latest_checkpoint
-    if latest is None and not self.is_chief:
-      latest = tf.train.latest_checkpoint(str(self.model_dir / CHECKPOINT_DIR))
+    # Every worker restores the chief's checkpoint: a non-chief's own
+    # worker_tmp/ copy outlives a crash and may be from another step.
+    latest = tf.train.latest_checkpoint(str(self.model_dir / CHECKPOINT_DIR))
     if latest:
       self.checkpoint.restore(latest).assert_existing_objects_matched()
       logging.info("resumed from %s at step %d", latest, self.global_step)
@@ -285,6 +281,10 @@ class Trainer:
           loss = float(train_loop(iterator, tf.constant(num_steps, tf.int32)))
         except tf.errors.DataLossError as e:
           input_pipeline.reraise_naming_damaged_shard(self.manifest, mf.TRAIN, e)
+        except PEER_FAILURES as e:
+          if self.cluster is None:
+            raise
+          self._raise_peer_failure(e, step, num_steps)
         if not math.isfinite(loss):
           raise TrainingError(
               f"loss is {loss} in steps {step + 1}-{step + num_steps}; stopped without saving, "
@@ -320,8 +320,11 @@ class Trainer:
     if not interrupted:
       self._save(step)
     if not self.is_chief:
-      shutil.rmtree(self.model_dir / WORKER_TMP_DIR / f"worker_{self._task_id()}",
-                    ignore_errors=True)
+      shutil.rmtree(self._worker_tmp_dir(), ignore_errors=True)
+      try:
+        self._worker_tmp_dir().parent.rmdir()  # the last worker out removes worker_tmp/
+      except OSError:
+        pass
     elif not interrupted:
       final_eval = self._evaluator(0)
       result_metrics = self._log_eval(final_eval, final_eval.evaluate(
@@ -340,6 +343,16 @@ class Trainer:
         path = export.export(self.model, c.model, self.manifest, self.model_dir, step)
         logging.info("exported %s", path)
     return RunResult(step, interrupted, result_metrics, headline)
+
+  def _raise_peer_failure(self, error: tf.errors.OpError, step: int, num_steps: int):
+    """A collective failed: a peer died, hung (missed heartbeats) or is unreachable."""
+    latest = tf.train.latest_checkpoint(str(self.model_dir / CHECKPOINT_DIR))
+    reason = error.message.strip().splitlines()[0][:300]
+    raise TrainingError(
+        f"{self.cluster.worker_name}: steps {step + 1}-{step + num_steps} failed because a "
+        f"worker of the cluster died or stopped responding ({type(error).__name__}: {reason}); "
+        f"re-run every worker with the same flags to resume from "
+        f"{latest or 'the start (no checkpoint yet)'}") from error
 
   def _every_split(self, eval_split_result: dict, step: int) -> dict:
     """Metrics of every held-out split at the end (valid to choose on, test to
