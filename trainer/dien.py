@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.models import SeededDropout
+from trainer.models import SeededDropout, checkpoint_list
 
 EVOLUTIONS = ("aigru", "augru")
 
@@ -193,9 +193,12 @@ class DIEN(keras.Model):
     # Only with aux_loss, so a model without it has no unused variables.
     self.aux_net = None
     if aux_loss:
-      self.aux_net = [keras.layers.Dense(100, activation="relu", name="aux_0"),
-                      keras.layers.Dense(50, activation="relu", name="aux_1"),
-                      keras.layers.Dense(1, name="aux_out")]
+      self.aux_net = checkpoint_list(self, "aux_net", [
+          keras.layers.Dense(100, activation="relu", name="aux_0"),
+          keras.layers.Dense(50, activation="relu", name="aux_1"),
+          keras.layers.Dense(1, name="aux_out")])
+    checkpoint_list(self, "attention_mlp", self.attention_mlp)
+    checkpoint_list(self, "head", self.head)
 
   def item_representation(self, items: tf.Tensor) -> tf.Tensor:
     """[...] item indices -> [..., emb_dim + category width]."""

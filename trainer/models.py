@@ -94,6 +94,19 @@ class RetrievalModel(keras.Model):
     return self.query_sequence(inputs["history"], inputs["user"], training=training)
 
 
+def checkpoint_list(owner: keras.layers.Layer, name: str, layers: list) -> list:
+  """Makes each layer of a list attribute a checkpoint dependency (`name_i`).
+
+  Keras 3 keeps list attributes out of tf.train.Checkpoint's object graph:
+  their weights reached the checkpoint only through the optimizer's variable
+  list, so a model-only restore (`tf.train.Checkpoint(model=...)`) skipped
+  them without an error.
+  """
+  for i, layer in enumerate(layers):
+    setattr(owner, f"{name}_{i}", layer)
+  return layers
+
+
 def _l2(x: tf.Tensor) -> tf.Tensor:
   return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
 
@@ -158,9 +171,10 @@ class SASRec(RetrievalModel):
     self.position_embedding = keras.layers.Embedding(data.max_seq_len, config.emb_dim,
                                                      name="pos_emb")
     self.input_dropout = self.dropout(config.dropout)
-    self.blocks = [TransformerBlock(config.emb_dim, config.num_heads, config.ff_dim,
-                                    lambda: self.dropout(config.dropout), name=f"block_{i}")
-                   for i in range(config.num_blocks)]
+    self.blocks = checkpoint_list(self, "blocks", [
+        TransformerBlock(config.emb_dim, config.num_heads, config.ff_dim,
+                         lambda: self.dropout(config.dropout), name=f"block_{i}")
+        for i in range(config.num_blocks)])
     self.final_norm = keras.layers.LayerNormalization(epsilon=1e-6)
     self.query_head = keras.layers.Dense(config.emb_dim, name="query_head")
     self.item_head = keras.layers.Dense(config.emb_dim, name="item_head")
@@ -212,8 +226,8 @@ class TwoTower(RetrievalModel):
                    self.dropout(config.dropout)]
       return layers + [keras.layers.Dense(dim, name=f"{name}_out")]
 
-    self.user_tower = tower("user_tower")
-    self.item_tower = tower("item_tower")
+    self.user_tower = checkpoint_list(self, "user_tower", tower("user_tower"))
+    self.item_tower = checkpoint_list(self, "item_tower", tower("item_tower"))
 
   @staticmethod
   def _apply(layers, x, seed, training):
