@@ -354,8 +354,14 @@ def _write_splits(out_dir: Path, targets: dict[str, np.ndarray], seqs: sq.Sequen
   start, written = time.perf_counter(), 0
   with contextlib.ExitStack() as stack:
     stack.callback(_SHARD_CONTEXT.clear)
+    pool = None
     if workers > 1:
-      pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
+      pool = multiprocessing.get_context("fork").Pool(workers)
+      # terminate() only on an error; on success the workers exit through
+      # close() + join(). One pytest run hung for 120 s between the last
+      # shard and the manifest, most likely in the terminate() of the pool's
+      # context manager (not reproduced in 40 runs since).
+      stack.callback(pool.terminate)
       results = pool.imap(_write_shard, jobs)
     else:
       results = map(_write_shard, jobs)
@@ -364,6 +370,9 @@ def _write_splits(out_dir: Path, targets: dict[str, np.ndarray], seqs: sq.Sequen
       written += info.num_examples
       logging.info("%s: shard %d/%d done; %d/%d examples, %.0f examples/s", split, shard + 1,
                    num_shards, written, total, written / max(time.perf_counter() - start, 1e-9))
+    if pool is not None:
+      pool.close()
+      pool.join()
   return {split: mf.SplitInfo(sum(s.num_examples for s in infos), tuple(infos))
           for split, infos in shards.items()}
 
