@@ -5,7 +5,6 @@ The process tests start `trainer` workers through tools/launch_workers.py
 model is tiny and the runs are a few steps.
 """
 
-import glob
 import os
 import signal
 import subprocess
@@ -85,12 +84,9 @@ def test_fewer_train_shards_than_workers_is_a_data_error(tiny_windows):
 
 def first_step_loss(model_dir: Path) -> float:
   """The `loss` scalar the chief wrote for step 1 (TensorBoard event file)."""
-  for path in glob.glob(str(model_dir / "summaries" / "train" / "events*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == "loss" and event.step == 1:
-          return float(tf.make_ndarray(value.tensor))
-  raise AssertionError(f"no loss at step 1 in {model_dir}")
+  losses = train_lib.train_scalars(model_dir, "loss")
+  assert 1 in losses, f"no loss at step 1 in {model_dir}"
+  return losses[1]
 
 
 def single_process_loss_of_the_same_global_batch(manifest, model_dir, loss, workers):

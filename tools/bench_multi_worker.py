@@ -16,7 +16,6 @@ worker). Rates are the chief's TensorBoard `examples_per_second` after the
 first logging window (which holds tracing and compilation).
 """
 
-import glob
 import json
 import os
 import subprocess
@@ -42,13 +41,8 @@ flags.mark_flags_as_required(["data_dir", "work_dir"])
 
 def examples_per_second(model_dir: Path) -> float:
   """Mean of the chief's examples/s windows after the first."""
-  import tensorflow as tf
-  rates = {}
-  for path in glob.glob(str(model_dir / "summaries" / "train" / "events*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == "examples_per_second":
-          rates[event.step] = float(tf.make_ndarray(value.tensor))
+  from trainer import train_lib  # TensorFlow: only once a case has run
+  rates = train_lib.train_scalars(model_dir, "examples_per_second")
   timed = [rate for step, rate in sorted(rates.items())[1:]]
   if not timed:
     raise RuntimeError(f"{model_dir}: no timed window; raise --steps")

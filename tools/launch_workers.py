@@ -98,6 +98,10 @@ def run_workers(trainer_args: list[str], num_workers: int, log_dir: Path,
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
+    for p in processes:  # only if the launcher itself failed: no orphaned workers
+      if p.poll() is None:
+        p.kill()
+        p.wait()
     for log in logs:
       log.close()
   for index, p in enumerate(processes):

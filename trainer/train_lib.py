@@ -42,6 +42,7 @@ from trainer.config import TrainerConfig
 CHECKPOINT_DIR = "checkpoints"
 WORKER_TMP_DIR = "worker_tmp"  # non-chief workers' checkpoints, removed at the end
 METRICS_FILE = "metrics.json"
+TRAIN_SUMMARIES = Path("summaries") / "train"  # under model_dir: loss, learning_rate, examples/s
 NO_WEIGHT_DECAY = ("bias", "gamma", "beta")  # variable names --weight_decay leaves alone
 
 
@@ -258,7 +259,7 @@ class Trainer:
     dataset = self.strategy.distribute_datasets_from_function(reader)
     iterator = iter(dataset)
     train_loop = self._train_loop_function()
-    writer = tf.summary.create_file_writer(str(self.model_dir / "summaries" / "train")) \
+    writer = tf.summary.create_file_writer(str(self.model_dir / TRAIN_SUMMARIES)) \
         if self.is_chief else tf.summary.create_noop_writer()
     periodic_eval = self._evaluator(c.eval_max_users) if c.eval_every_steps else None
     logging.info("training %s: %d steps (%d per epoch), global batch %d on %d replicas%s",
@@ -382,6 +383,17 @@ class Trainer:
           tf.summary.scalar(name, value)
     writer.flush()
     return result
+
+
+def train_scalars(model_dir: str | Path, tag: str) -> dict[int, float]:
+  """{step: value} of one scalar the chief wrote to the train summaries."""
+  values = {}
+  for path in sorted((Path(model_dir) / TRAIN_SUMMARIES).glob("events*")):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
 
 
 def _next_multiple(step: int, every: int) -> int:
