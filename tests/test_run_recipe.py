@@ -35,10 +35,10 @@ def run_tool(*args):
                         capture_output=True, text=True, cwd=ROOT)
 
 
-def run_tiny_recipe(tiny_news_dir, work, seeds, metrics):
+def run_tiny_recipe(tiny_news_dir, work, seeds, metrics, header=""):
   """The tiny RECIPE through the tool; the recipe file sits beside `work`."""
   recipe = work.parent / "tiny.flags"
-  recipe.write_text(RECIPE)
+  recipe.write_text(header + RECIPE)
   return run_tool(f"--recipe={recipe}", f"--seeds={seeds}", f"--work_dir={work}",
                   f"--data_root={tiny_news_dir.parent}", f"--metrics={metrics}")
 
@@ -62,6 +62,29 @@ def test_two_seeds_give_valid_and_test_metrics_and_their_mean(tiny_news_dir, tmp
   # A second call reuses the data and the finished seeds: nothing is rerun.
   again = run_tiny_recipe(tiny_news_dir, work, "1,2", "hit_rate@10,ndcg@10")
   assert again.returncode == 0 and "$ " not in again.stdout
+
+
+def test_also_evaluate_scores_the_same_checkpoints_with_the_other_protocol(tiny_news_dir,
+                                                                           tmp_path):
+  work = tmp_path / "work"
+  result = run_tiny_recipe(tiny_news_dir, work, "1", "hit_rate@5,ndcg@5",
+                           header="# also evaluate: --eval_negatives=5\n")
+  assert result.returncode == 0, result.stderr[-3000:]
+  trained = json.loads((work / "seed_1" / "metrics.json").read_text())
+  also = json.loads((work / "seed_1_also" / "metrics.json").read_text())
+  # The copy restored the trained step and trained no further.
+  assert also["global_step"] == trained["global_step"] == 4
+  assert trained["protocol"] == "full" and also["protocol"] == "sampled_5"
+  # Among 5 sampled items the target can only rank higher than among all of
+  # them, so each user's hit at 5 under the full protocol is one here too.
+  for split in ("valid", "test"):
+    assert also["by_split"][split]["hit_rate@5"] >= trained["by_split"][split]["hit_rate@5"]
+  summary = json.loads((work / "summary.json").read_text())
+  assert summary["also_evaluated"]["flags"] == ["--eval_negatives=5"]
+  assert summary["also_evaluated"]["splits"]["test"]["ndcg@5"]["values"] == \
+      [also["by_split"]["test"]["ndcg@5"]]
+  assert summary["splits"]["test"]["ndcg@5"]["values"] == [trained["by_split"]["test"]["ndcg@5"]]
+  assert "also evaluated (--eval_negatives=5)" in result.stdout
 
 
 def test_a_recipe_without_its_preprocess_line_is_refused(tmp_path):

@@ -147,10 +147,12 @@ def test_model_defaults_resolve_per_model_and_yield_to_flags():
   dien, sasrec = parsed("--model=dien"), parsed("--dropout=0.3", "--learning_rate=5e-4")
   # The ranker keeps its measured settings; sasrec gets the issue-6 winners
   # except where a flag says otherwise.
-  assert (dien["dropout"], dien["learning_rate"], dien["lr_schedule"]) == (0.2, 1e-3, "constant")
+  assert (dien["dropout"], dien["learning_rate"], dien["lr_schedule"], dien["weight_decay"]) == \
+      (0.2, 1e-3, "constant", 0.0)
   assert (sasrec["model"], sasrec["loss"], sasrec["dropout"], sasrec["learning_rate"],
-          sasrec["lr_schedule"], sasrec["temperature"]) == ("sasrec", "auto", 0.3, 5e-4,
-                                                            "cosine", 0.1)
+          sasrec["lr_schedule"], sasrec["temperature"], sasrec["weight_decay"]) == \
+      ("sasrec", "auto", 0.3, 5e-4, "cosine", 0.1, 0.2)
+  assert parsed("--weight_decay=0")["weight_decay"] == 0.0
   from trainer.config import TrainerConfig
   two_tower = TrainerConfig(model="two_tower")
   assert (two_tower.loss, two_tower.dropout) == ("auto", 0.0)

@@ -17,6 +17,15 @@ with their mean and sample standard deviation, and writes WORK/summary.json.
 Flags after `--` go to every trainer run and override the recipe's (for
 ablations: `-- --loss=in_batch`). A seed whose metrics.json exists is not
 retrained (delete WORK/seed_S to redo it).
+
+A second evaluation protocol of the same trained models, for example the
+SASRec paper's 100 sampled negatives, is an optional header line:
+
+  # also evaluate: --eval_negatives=100
+
+Each seed's checkpoints are then copied to WORK/seed_S_also, where the
+trainer restores them, trains no further step and evaluates with those flags;
+its metrics are summarised in a second table (summary.json "also_evaluated").
 """
 
 import json
@@ -43,6 +52,7 @@ flags.DEFINE_list("metrics", ["hit_rate@10", "ndcg@10", "hit_rate@20", "ndcg@20"
 flags.mark_flags_as_required(["recipe", "work_dir"])
 
 PREPROCESS_TAG = "# preprocess:"
+ALSO_EVALUATE_TAG = "# also evaluate:"
 SUMMARY_FILE = "summary.json"
 
 
@@ -50,10 +60,13 @@ class RecipeError(Exception):
   pass
 
 
+def _header_lines(recipe: Path, tag: str) -> list[str]:
+  return [line[len(tag):] for line in recipe.read_text().splitlines() if line.startswith(tag)]
+
+
 def preprocess_flags(recipe: Path, data_root: str) -> list[str]:
   """The `# preprocess:` header line of the recipe, with $DATA substituted."""
-  lines = [line[len(PREPROCESS_TAG):] for line in recipe.read_text().splitlines()
-           if line.startswith(PREPROCESS_TAG)]
+  lines = _header_lines(recipe, PREPROCESS_TAG)
   if len(lines) != 1:
     raise RecipeError(f"{recipe}: needs exactly one '{PREPROCESS_TAG} FLAGS' line, "
                       f"found {len(lines)}")
@@ -61,6 +74,20 @@ def preprocess_flags(recipe: Path, data_root: str) -> list[str]:
   for arg in args:
     if arg.split("=", 1)[0] in ("--output_dir", "--overwrite"):
       raise RecipeError(f"{recipe}: {arg} is set by run_recipe.py, not by the recipe")
+  return args
+
+
+def also_evaluate_flags(recipe: Path) -> list[str] | None:
+  """The optional `# also evaluate:` trainer flags (None without that line)."""
+  lines = _header_lines(recipe, ALSO_EVALUATE_TAG)
+  if len(lines) > 1:
+    raise RecipeError(f"{recipe}: at most one '{ALSO_EVALUATE_TAG} FLAGS' line, "
+                      f"found {len(lines)}")
+  if not lines:
+    return None
+  args = shlex.split(lines[0])
+  if not args:
+    raise RecipeError(f"{recipe}: '{ALSO_EVALUATE_TAG}' names no trainer flags")
   return args
 
 
@@ -95,17 +122,19 @@ def _split_order(split: str) -> tuple:
 
 
 def format_table(summary: dict, metric_names: list[str]) -> str:
-  header = ["split", "seed"] + metric_names + ["train s"]
+  """Per seed and mean±sd rows; a train-seconds column when the summary has one."""
+  seconds = summary.get("train_seconds")
+  header = ["split", "seed"] + metric_names + (["train s"] if seconds else [])
   rows = []
   for split, by_metric in summary["splits"].items():
     for i, seed in enumerate(summary["seeds"]):
       rows.append([split, str(seed)] +
                   [f"{by_metric[m]['values'][i]:.4f}" for m in metric_names] +
-                  [f"{summary['train_seconds']['values'][i]:.0f}"])
+                  ([f"{seconds['values'][i]:.0f}"] if seconds else []))
     rows.append([split, "mean±sd"] +
                 [f"{by_metric[m]['mean']:.4f}±{by_metric[m]['std']:.4f}"
                  for m in metric_names] +
-                [f"{summary['train_seconds']['mean']:.0f}±{summary['train_seconds']['std']:.0f}"])
+                ([f"{seconds['mean']:.0f}±{seconds['std']:.0f}"] if seconds else []))
   widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + rows)
 
@@ -128,6 +157,34 @@ def _binary(name: str) -> list[str]:
   return [path] if path else [sys.executable, "-m", f"{name}.main"]
 
 
+def _metrics(metrics_file: Path) -> dict:
+  metrics = json.loads(metrics_file.read_text())
+  if "by_split" not in metrics:
+    raise RecipeError(f"{metrics_file}: no by_split metrics (a ranking model's run?)")
+  return metrics
+
+
+def _train_seed(recipe: Path, data: Path, model_dir: Path, seed: int, extra: list[str],
+                log: Path) -> dict:
+  if not (model_dir / "metrics.json").is_file():
+    _run(_binary("trainer") + [f"--flagfile={recipe}", f"--data_dir={data}",
+                               f"--model_dir={model_dir}", f"--seed={seed}"] + extra, log)
+  return _metrics(model_dir / "metrics.json")
+
+
+def _evaluate_copy(recipe: Path, data: Path, trained: Path, eval_dir: Path, seed: int,
+                   flags_: list[str], log: Path) -> dict:
+  """Evaluates the trained checkpoints with other flags, in a copy of them
+  (the trainer would otherwise overwrite the run's own metrics.json)."""
+  if not (eval_dir / "metrics.json").is_file():
+    shutil.rmtree(eval_dir, ignore_errors=True)
+    shutil.copytree(trained / "checkpoints", eval_dir / "checkpoints")
+    _run(_binary("trainer") + [f"--flagfile={recipe}", f"--data_dir={data}",
+                               f"--model_dir={eval_dir}", f"--seed={seed}"] + flags_ +
+         ["--noexport"], log)
+  return _metrics(eval_dir / "metrics.json")
+
+
 def main(argv):
   extra = argv[1:]
   recipe = Path(FLAGS.recipe)
@@ -137,6 +194,7 @@ def main(argv):
       raise RecipeError(f"--recipe={recipe}: no such file")
     seeds = [int(s) for s in FLAGS.seeds]
     pre_args = preprocess_flags(recipe, FLAGS.data_root)
+    also_args = also_evaluate_flags(recipe)
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"
     stamp = work / "preprocess_flags.json"
@@ -145,23 +203,29 @@ def main(argv):
       _run(_binary("preprocess") + pre_args + [f"--output_dir={data}", "--overwrite"],
            work / "preprocess.log")
       write_json_atomic(stamp, pre_args)
-    runs = {}
+    runs, also_runs = {}, {}
     for seed in seeds:
       model_dir = work / f"seed_{seed}"
-      metrics_file = model_dir / "metrics.json"
-      if not metrics_file.is_file():
-        _run(_binary("trainer") + [f"--flagfile={recipe}", f"--data_dir={data}",
-                                   f"--model_dir={model_dir}", f"--seed={seed}"] + extra,
-             work / f"seed_{seed}.log")
-      runs[seed] = json.loads(metrics_file.read_text())
-      if "by_split" not in runs[seed]:
-        raise RecipeError(f"{metrics_file}: no by_split metrics (a retrieval model's run?)")
+      runs[seed] = _train_seed(recipe, data, model_dir, seed, extra, work / f"seed_{seed}.log")
+      if also_args is not None:
+        # The overrides first: the protocol's flags are what this evaluation is.
+        also_runs[seed] = _evaluate_copy(recipe, data, model_dir, work / f"seed_{seed}_also",
+                                         seed, extra + also_args,
+                                         work / f"seed_{seed}_also.log")
     summary = summarize(runs, FLAGS.metrics)
+    if also_args is not None:
+      also = summarize(also_runs, FLAGS.metrics)
+      # Its train_seconds are a restore's, not a training run's.
+      also.pop("train_seconds")
+      summary["also_evaluated"] = {"flags": also_args, **also}
   except (RecipeError, ValueError) as e:
     sys.exit(f"run_recipe: {e}")
   summary.update(recipe=str(recipe), preprocess=pre_args, trainer_overrides=extra)
   write_json_atomic(work / SUMMARY_FILE, summary)
   print(format_table(summary, FLAGS.metrics))
+  if also_args is not None:
+    print(f"\nalso evaluated ({' '.join(also_args)}), the same models:")
+    print(format_table(summary["also_evaluated"], FLAGS.metrics))
 
 
 if __name__ == "__main__":

@@ -44,9 +44,10 @@ flags.DEFINE_enum("lr_schedule", None, config_lib.LR_SCHEDULES,
                   "After warm-up: constant, or cosine decay to 0 at the last step "
                   f"({_by_model('lr_schedule')}).")
 flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear learning-rate warm-up steps.")
-flags.DEFINE_float("weight_decay", _D.weight_decay,
+flags.DEFINE_float("weight_decay", None,
                    "Decoupled weight decay (AdamW) of kernels and embeddings, scaled by the "
-                   "learning rate; biases and LayerNorm are not decayed. 0: plain Adam.")
+                   "learning rate; biases and LayerNorm are not decayed. 0: plain Adam "
+                   f"({_by_model('weight_decay')}).")
 flags.DEFINE_integer("seed", _D.seed, "Seed of initialisation, dropout and data order.")
 flags.DEFINE_integer("shuffle_buffer", _D.shuffle_buffer, "Example shuffle buffer.")
 flags.DEFINE_integer("emb_dim", _D.emb_dim, "Embedding and output vector size.")
