@@ -87,6 +87,28 @@ def test_also_evaluate_scores_the_same_checkpoints_with_the_other_protocol(tiny_
   assert "also evaluated (--eval_negatives=5)" in result.stdout
 
 
+def test_a_failed_second_evaluation_names_its_log_and_leaves_no_copy(tiny_news_dir, tmp_path):
+  work = tmp_path / "work"
+  result = run_tiny_recipe(tiny_news_dir, work, "1", "hit_rate@5",
+                           header="# also evaluate: --eval_negatives=-1\n")
+  assert result.returncode != 0
+  assert f"log {work / 'seed_1_also.log'}" in result.stderr
+  assert "--eval_negatives=-1" in result.stderr
+  # The trained seed stays (a rerun reuses it); the copy and the summary do not.
+  assert (work / "seed_1" / "metrics.json").is_file()
+  assert not (work / "seed_1_also").exists() and not (work / "summary.json").exists()
+
+
+def test_two_also_evaluate_lines_are_refused_before_any_work(tmp_path):
+  recipe = tmp_path / "two.flags"
+  recipe.write_text("# preprocess: --source=news\n# also evaluate: --eval_negatives=5\n"
+                    "# also evaluate: --eval_negatives=100\n--model=sasrec\n")
+  result = run_tool(f"--recipe={recipe}", f"--work_dir={tmp_path / 'w'}")
+  assert result.returncode != 0
+  assert f"{recipe}: at most one '# also evaluate: FLAGS' line, found 2" in result.stderr
+  assert not (tmp_path / "w").exists()
+
+
 def test_a_recipe_without_its_preprocess_line_is_refused(tmp_path):
   recipe = tmp_path / "bad.flags"
   recipe.write_text("--model=sasrec\n")

@@ -54,6 +54,7 @@ flags.mark_flags_as_required(["recipe", "work_dir"])
 PREPROCESS_TAG = "# preprocess:"
 ALSO_EVALUATE_TAG = "# also evaluate:"
 SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.json"  # the trainer's (train_lib.METRICS_FILE; not imported: TensorFlow)
 
 
 class RecipeError(Exception):
@@ -157,32 +158,39 @@ def _binary(name: str) -> list[str]:
   return [path] if path else [sys.executable, "-m", f"{name}.main"]
 
 
-def _metrics(metrics_file: Path) -> dict:
+def _metrics(model_dir: Path) -> dict:
+  metrics_file = model_dir / METRICS_FILE
   metrics = json.loads(metrics_file.read_text())
   if "by_split" not in metrics:
     raise RecipeError(f"{metrics_file}: no by_split metrics (a ranking model's run?)")
   return metrics
 
 
-def _train_seed(recipe: Path, data: Path, model_dir: Path, seed: int, extra: list[str],
-                log: Path) -> dict:
-  if not (model_dir / "metrics.json").is_file():
+def _run_trainer(recipe: Path, data: Path, model_dir: Path, seed: int, trainer_flags: list[str],
+                 log: Path) -> dict:
+  """Trains (or, on restored final checkpoints, only evaluates) unless model_dir
+  already has its metrics; returns them."""
+  if not (model_dir / METRICS_FILE).is_file():
     _run(_binary("trainer") + [f"--flagfile={recipe}", f"--data_dir={data}",
-                               f"--model_dir={model_dir}", f"--seed={seed}"] + extra, log)
-  return _metrics(model_dir / "metrics.json")
+                               f"--model_dir={model_dir}", f"--seed={seed}"] + trainer_flags,
+         log)
+  return _metrics(model_dir)
 
 
 def _evaluate_copy(recipe: Path, data: Path, trained: Path, eval_dir: Path, seed: int,
-                   flags_: list[str], log: Path) -> dict:
+                   trainer_flags: list[str], log: Path) -> dict:
   """Evaluates the trained checkpoints with other flags, in a copy of them
-  (the trainer would otherwise overwrite the run's own metrics.json)."""
-  if not (eval_dir / "metrics.json").is_file():
+  (the trainer would otherwise overwrite the run's own metrics.json). A failed
+  evaluation leaves no copy behind."""
+  if not (eval_dir / METRICS_FILE).is_file():
     shutil.rmtree(eval_dir, ignore_errors=True)
     shutil.copytree(trained / "checkpoints", eval_dir / "checkpoints")
-    _run(_binary("trainer") + [f"--flagfile={recipe}", f"--data_dir={data}",
-                               f"--model_dir={eval_dir}", f"--seed={seed}"] + flags_ +
-         ["--noexport"], log)
-  return _metrics(eval_dir / "metrics.json")
+    try:
+      return _run_trainer(recipe, data, eval_dir, seed, trainer_flags + ["--noexport"], log)
+    except RecipeError:
+      shutil.rmtree(eval_dir, ignore_errors=True)
+      raise
+  return _metrics(eval_dir)
 
 
 def main(argv):
@@ -206,7 +214,7 @@ def main(argv):
     runs, also_runs = {}, {}
     for seed in seeds:
       model_dir = work / f"seed_{seed}"
-      runs[seed] = _train_seed(recipe, data, model_dir, seed, extra, work / f"seed_{seed}.log")
+      runs[seed] = _run_trainer(recipe, data, model_dir, seed, extra, work / f"seed_{seed}.log")
       if also_args is not None:
         # The overrides first: the protocol's flags are what this evaluation is.
         also_runs[seed] = _evaluate_copy(recipe, data, model_dir, work / f"seed_{seed}_also",
