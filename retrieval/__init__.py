@@ -1,1 +1,7 @@
-"""The `retrieval` job (issue 4)."""
+"""The `retrieval` job (issue 4).
+
+It imports `trainer` first so TensorFlow starts with trainer's CPU allocator
+setting (see trainer/__init__.py).
+"""
+
+import trainer  # noqa: F401

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import strategies
-from trainer.losses import CatalogueSoftmaxLoss, InBatchSoftmaxLoss
+from trainer.losses import CatalogueSoftmaxLoss, InBatchSoftmaxLoss, _row_bucket
 
 
 def loss_value(q, c, ids, weights=None, log_q=None, **options):
@@ -185,6 +185,32 @@ def test_catalogue_softmax_drops_padding_rows_even_when_all_are_padding():
     value = layer(q, items, tf.constant([0, 0]), tf.constant([0.0, 0.0]))
   assert float(value) == 0.0
   np.testing.assert_array_equal(tf.convert_to_tensor(tape.gradient(value, q)), np.zeros((2, 2)))
+
+
+def test_row_bucket_8_sizes_per_octave():
+  # 1..64 -> 64 (the floor); 65 -> 128 (octave 6, step 8 would be < 64);
+  # 1000: octave 9, step 64 -> 1024; 7300: octave 12, step 512 -> 7680;
+  # 8192 is a bucket itself; 8193: octave 13, step 1024 -> 9216.
+  got = [int(_row_bucket(tf.constant(n))) for n in (0, 1, 64, 65, 1000, 7300, 8192, 8193)]
+  assert got == [64, 64, 64, 128, 1024, 7680, 8192, 9216]
+
+
+def test_catalogue_softmax_matches_a_plain_softmax_and_its_gradients():
+  """A row count that is not a bucket (padded inside) and a random mask."""
+  rng = np.random.default_rng(3)
+  q = tf.Variable(rng.normal(size=(300, 8)).astype(np.float32))
+  items = tf.Variable(rng.normal(size=(40, 8)).astype(np.float32))
+  targets = tf.constant(rng.integers(1, 40, 300).astype(np.int32))
+  weights = tf.constant((rng.random(300) < 0.6).astype(np.float32))
+  with tf.GradientTape(persistent=True) as tape:
+    got = CatalogueSoftmaxLoss(temperature=0.1)(q, items, targets, weights)
+    logits = tf.matmul(q, items[1:], transpose_b=True) / 0.1
+    per_row = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets - 1, logits=logits)
+    want = tf.reduce_sum(per_row * weights) / tf.reduce_sum(weights)
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+  for g_got, g_want in zip(tape.gradient(got, [q, items]), tape.gradient(want, [q, items])):
+    np.testing.assert_allclose(tf.convert_to_tensor(g_got), tf.convert_to_tensor(g_want),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_catalogue_softmax_on_two_replicas_equals_single_device():

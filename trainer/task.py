@@ -3,7 +3,8 @@
 Each task has two halves: `forward` (the model: dense, static shapes, what
 the trainer XLA-compiles) and `loss` (outside XLA: it may gather rows of a
 data-dependent count and run collectives across replicas, neither of which
-an XLA cluster nested in a replica step can do). The loss of a batch is
+an XLA cluster nested in a replica step can do; the catalogue softmax
+XLA-compiles its own cross-entropy on bucket-padded rows). The loss of a batch is
 `task.loss(task.forward(batch, training, step), step)`; `step` seeds the
 dropout masks and the negative pool, so a resumed run repeats them.
 
