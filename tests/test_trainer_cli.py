@@ -151,7 +151,7 @@ def test_model_defaults_resolve_per_model_and_yield_to_flags():
       (0.2, 1e-3, "constant", 0.0)
   assert (sasrec["model"], sasrec["loss"], sasrec["dropout"], sasrec["learning_rate"],
           sasrec["lr_schedule"], sasrec["temperature"], sasrec["weight_decay"]) == \
-      ("sasrec", "auto", 0.3, 5e-4, "cosine", 0.1, 0.2)
+      ("sasrec", "auto", 0.3, 5e-4, "cosine", 0.1, 1.0)
   assert parsed("--weight_decay=0")["weight_decay"] == 0.0
   from trainer.config import TrainerConfig
   two_tower = TrainerConfig(model="two_tower")
