@@ -7,8 +7,8 @@ above 32 MiB fresh from the kernel and unmaps it on free. The catalogue
 softmax allocates several such blocks per step (ML-1M: logits of 7,300 x
 3,706 floats, 108 MB), so each step paid page faults and zeroing in the
 kernel: 80% of the CPU was system time, and the ML-1M recipe's step took
-0.85 s against 0.49 s with the BFC allocator, which keeps its pool
-(BUILD_NOTES.md, "The CPU allocator").
+0.70 s against 0.40 s with the BFC allocator, which keeps its pool
+(BUILD_NOTES.md, "The CPU allocator", with the command).
 """
 
 import os
