@@ -47,6 +47,14 @@ def ranks_in_lists(ranked: np.ndarray, targets: np.ndarray) -> np.ndarray:
   return np.where(hits.any(axis=1), hits.argmax(axis=1), ranked.shape[1])
 
 
+RANK_METRICS = ("hit_rate", "ndcg", "recall")  # each written as NAME@K by summarize
+
+
+def metric_names(ks) -> list[str]:
+  """The metric keys `summarize` writes for cut-offs `ks` (all: higher is better)."""
+  return [f"{name}@{k}" for k in ks for name in RANK_METRICS]
+
+
 def summarize(ranks: np.ndarray, ks=(10, 20, 50)) -> dict[str, float]:
   """HitRate@K, NDCG@K and Recall@K from 0-based target ranks."""
   ranks = np.asarray(ranks)

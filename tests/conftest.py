@@ -53,7 +53,8 @@ def small_trainer_config(data_dir, model_dir, **overrides):
               emb_dim=16, num_heads=2, num_blocks=1, ff_dim=16, tower_units=(16,),
               train_steps=4, steps_per_loop=2, log_every_steps=2,
               checkpoint_every_steps=2, eval_topk=(5, 10), eval_batch_size=64,
-              warmup_steps=1, jit_compile=False, shuffle_buffer=256)
+              warmup_steps=1, jit_compile=False, shuffle_buffer=256,
+              early_stopping_metric="")  # model selection: tests/test_selection.py
   # Built in one call, not dataclasses.replace: the model's own defaults
   # (MODEL_DEFAULTS) must resolve for the model asked for.
   return TrainerConfig(**{**base, **overrides})

@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from trainer import strategies
-from trainer.losses import CatalogueSoftmaxLoss, InBatchSoftmaxLoss, _row_bucket
+from trainer.losses import (CatalogueSampler, CatalogueSoftmaxLoss, InBatchSoftmaxLoss,
+                            SampledSoftmaxLoss, _row_bucket)
 
 
 def loss_value(q, c, ids, weights=None, log_q=None, **options):
@@ -231,5 +232,100 @@ def test_catalogue_softmax_on_two_replicas_equals_single_device():
   per_replica = strategy.experimental_distribute_values_from_function(slices)
   shares = tf.function(lambda v: strategy.run(lambda a: layer(a[0], items, a[1], a[2]),
                                               args=(v,)))(per_replica)
+  total = sum(float(v) for v in strategy.experimental_local_results(shares))
+  assert total == pytest.approx(single, rel=1e-5)
+
+
+def sampled_value(q, positive, positive_ids, sample, sample_ids, positive_log_q, sample_log_q,
+                  weights=None, temperature=1.0):
+  weights = np.ones(len(positive_ids)) if weights is None else weights
+  as_float = lambda a: tf.constant(a, tf.float32)  # noqa: E731
+  return float(SampledSoftmaxLoss(temperature)(
+      as_float(q), as_float(positive), tf.constant(positive_ids), as_float(weights),
+      as_float(sample), tf.constant(sample_ids), as_float(positive_log_q),
+      as_float(sample_log_q)))
+
+
+def test_sampled_softmax_removes_the_positive_from_its_negatives():
+  # Row 0: query e1, positive item 3 = e1 (logit 1); the sample is items 7 (e2,
+  # logit 0) and 3 (the positive itself, left out): log(e + 1) - 1 = 0.3132617.
+  # Row 1: query e2, positive item 7 = e2 (logit 1); item 3 (logit 0) is a
+  # negative, item 7 is not: 0.3132617 again. No logQ (all 0). Mean 0.3132617.
+  value = sampled_value([[1, 0], [0, 1]], [[1, 0], [0, 1]], [3, 7], [[0, 1], [1, 0]], [7, 3],
+                        [0, 0], [0, 0])
+  assert value == pytest.approx(0.3132617, abs=1e-6)
+
+
+def test_sampled_softmax_logq_correction_by_hand():
+  # One row: query e1, positive (item 1, vector e1) logit 1 with log Q = ln 0.5;
+  # one sampled item 2 (vector e2) logit 0 with log Q = ln 0.25. Corrected
+  # logits: 1 - ln 0.5 = 1 + ln 2 and 0 + ln 4, so the loss is
+  # log(e^(1 + ln 2) + e^(ln 4)) - (1 + ln 2) = log(2e + 4) - 1 - ln 2 = 0.5514447.
+  # Uncorrected: log(e + 1) - 1 = 0.3132617. A weight-0 row adds nothing.
+  q, pos, sample = [[1, 0], [0.3, 0.3]], [[1, 0], [1, 0]], [[0, 1]]
+  assert sampled_value(q, pos, [1, 1], sample, [2], np.log([0.5, 0.5]), np.log([0.25]),
+                       weights=[1, 0]) == pytest.approx(0.5514447, abs=1e-6)
+  assert sampled_value(q, pos, [1, 1], sample, [2], [0, 0], [0],
+                       weights=[1, 0]) == pytest.approx(0.3132617, abs=1e-6)
+
+
+def test_sampled_softmax_over_the_whole_catalogue_equals_the_full_softmax():
+  """Uniform sampler, the sample = every item once: log(N q) = log((V-1)/(V-1)) = 0."""
+  rng = np.random.default_rng(5)
+  num_items = 30
+  items = tf.math.l2_normalize(tf.constant(rng.normal(size=(num_items, 6)), tf.float32), -1)
+  q = tf.math.l2_normalize(tf.constant(rng.normal(size=(50, 6)), tf.float32), -1)
+  targets = tf.constant(rng.integers(1, num_items, 50).astype(np.int32))
+  weights = tf.constant((rng.random(50) < 0.7).astype(np.float32))
+  sampler = CatalogueSampler(num_items, "uniform")
+  everything = tf.range(1, num_items)
+  log_q = sampler.log_expected_count(everything, num_items - 1)
+  np.testing.assert_allclose(log_q.numpy(), 0.0, atol=1e-6)
+  full = CatalogueSoftmaxLoss(temperature=0.1)(q, items, targets, weights)
+  sampled = SampledSoftmaxLoss(temperature=0.1)(
+      q, tf.gather(items, targets), targets, weights, tf.gather(items, everything), everything,
+      sampler.log_expected_count(targets, num_items - 1), log_q)
+  assert float(sampled) == pytest.approx(float(full), rel=1e-5)
+
+
+def test_catalogue_sampler_draws_items_1_to_v_minus_1_by_its_distribution():
+  # Counts 0 (padding), 1, 1, 2, 4: popularity q = [1, 1, 2, 4] / 8 over items 1..4.
+  counts = [0, 1, 1, 2, 4]
+  seed = tf.constant([3, 4], tf.int64)
+  for kind, expected in (("uniform", [0.25] * 4), ("popularity", [0.125, 0.125, 0.25, 0.5])):
+    sampler = CatalogueSampler(5, kind, counts)
+    draws = sampler.sample(40000, seed).numpy()
+    assert draws.min() >= 1 and draws.max() <= 4
+    share = np.bincount(draws, minlength=5)[1:] / len(draws)
+    np.testing.assert_allclose(share, expected, atol=0.01)
+    np.testing.assert_array_equal(draws, sampler.sample(40000, seed).numpy())  # seeded
+    # log(N q) for N = 8: log 8 + log q.
+    np.testing.assert_allclose(sampler.log_expected_count(tf.constant([1, 4]), 8).numpy(),
+                               np.log(8 * np.array(expected)[[0, 3]]), rtol=1e-6)
+  assert not np.array_equal(draws, sampler.sample(40000, tf.constant([3, 5], tf.int64)).numpy())
+
+
+def test_sampled_softmax_on_two_replicas_equals_single_device():
+  """One sample for the step, each replica's rows: the shares sum to the global mean."""
+  strategy = strategies.mirrored(("/cpu:0", "/cpu:1"))
+  rng = np.random.default_rng(2)
+  q = rng.normal(size=(4, 3)).astype(np.float32)
+  pos = rng.normal(size=(4, 3)).astype(np.float32)
+  ids = np.array([1, 4, 2, 3], np.int32)
+  weights = np.array([1, 1, 0, 1], np.float32)
+  sample, sample_ids = tf.constant(rng.normal(size=(3, 3)), tf.float32), tf.constant([4, 2, 1])
+  pos_log_q = np.log(np.array([0.1, 0.2, 0.3, 0.4], np.float32))
+  sample_log_q = tf.constant(np.log([0.2, 0.3, 0.1]), tf.float32)
+  layer = SampledSoftmaxLoss(temperature=0.5)
+  single = float(layer(q, pos, ids, weights, sample, sample_ids, pos_log_q, sample_log_q))
+
+  def slices(ctx):
+    r = ctx.replica_id_in_sync_group
+    return tuple(tf.constant(a[2 * r:2 * r + 2]) for a in (q, pos, ids, weights, pos_log_q))
+
+  per_replica = strategy.experimental_distribute_values_from_function(slices)
+  shares = tf.function(lambda v: strategy.run(
+      lambda a: layer(a[0], a[1], a[2], a[3], sample, sample_ids, a[4], sample_log_q),
+      args=(v,)))(per_replica)
   total = sum(float(v) for v in strategy.experimental_local_results(shares))
   assert total == pytest.approx(single, rel=1e-5)

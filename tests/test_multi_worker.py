@@ -5,6 +5,7 @@ The process tests start `trainer` workers through tools/launch_workers.py
 model is tiny and the runs are a few steps.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -175,3 +176,22 @@ def test_a_killed_worker_fails_the_other_and_a_rerun_resumes(tiny_windows, tmp_p
   for log in rerun:
     assert f"at step {saved_step}" in log and "resumed from" in log
   assert f"trainer: step {saved_step + 2}" in rerun[0]
+
+
+def test_two_workers_take_the_chiefs_early_stopping_decision(tiny_windows, tmp_path):
+  """The chief evaluates and decides; the other worker stops at the same step."""
+  model_dir = tmp_path / "m"
+  code = launch_workers.run_workers(
+      [*TINY_MODEL, "--loss=softmax", "--noexport", f"--data_dir={tiny_windows.data_dir}",
+       f"--model_dir={model_dir}", "--train_steps=60", "--steps_per_loop=1",
+       "--eval_every_steps=2", "--early_stopping_metric=ndcg@10",
+       "--early_stopping_patience=1", "--lr_schedule=constant"],
+      num_workers=2, log_dir=tmp_path / "logs", grace_seconds=30)
+  logs = [(tmp_path / "logs" / f"worker_{i}.log").read_text() for i in range(2)]
+  assert code == 0, logs
+  metrics = json.loads((model_dir / "metrics.json").read_text())
+  stop = metrics["trained_steps"]
+  assert metrics["selection"]["stopped_early"] and stop < 60
+  assert f"early stopping at step {stop}: ndcg@10 did not improve" in logs[0]
+  assert f"early stopping at step {stop}: the chief's decision" in logs[1]
+  assert metrics["global_step"] == metrics["selection"]["best_step"] < stop

@@ -71,9 +71,10 @@ def test_also_evaluate_scores_the_same_checkpoints_with_the_other_protocol(tiny_
                            header="# also evaluate: --eval_negatives=5\n")
   assert result.returncode == 0, result.stderr[-3000:]
   trained = json.loads((work / "seed_1" / "metrics.json").read_text())
-  also = json.loads((work / "seed_1_also" / "metrics.json").read_text())
-  # The copy restored the trained step and trained no further.
+  also = json.loads((work / "seed_1_also.json").read_text())
+  # --mode=eval scored the step the run exported and trained nothing.
   assert also["global_step"] == trained["global_step"] == 4
+  assert json.loads((work / "seed_1" / "metrics.json").read_text()) == trained
   assert trained["protocol"] == "full" and also["protocol"] == "sampled_5"
   # Among 5 sampled items the target can only rank higher than among all of
   # them, so each user's hit at 5 under the full protocol is one here too.
@@ -87,16 +88,16 @@ def test_also_evaluate_scores_the_same_checkpoints_with_the_other_protocol(tiny_
   assert "also evaluated (--eval_negatives=5)" in result.stdout
 
 
-def test_a_failed_second_evaluation_names_its_log_and_leaves_no_copy(tiny_news_dir, tmp_path):
+def test_a_failed_second_evaluation_names_its_log_and_leaves_no_file(tiny_news_dir, tmp_path):
   work = tmp_path / "work"
   result = run_tiny_recipe(tiny_news_dir, work, "1", "hit_rate@5",
                            header="# also evaluate: --eval_negatives=-1\n")
   assert result.returncode != 0
   assert f"log {work / 'seed_1_also.log'}" in result.stderr
   assert "--eval_negatives=-1" in result.stderr
-  # The trained seed stays (a rerun reuses it); the copy and the summary do not.
+  # The trained seed stays (a rerun reuses it); no evaluation file, no summary.
   assert (work / "seed_1" / "metrics.json").is_file()
-  assert not (work / "seed_1_also").exists() and not (work / "summary.json").exists()
+  assert not (work / "seed_1_also.json").exists() and not (work / "summary.json").exists()
 
 
 def test_two_also_evaluate_lines_are_refused_before_any_work(tmp_path):

@@ -74,9 +74,9 @@ def test_weight_decay_shrinks_kernels_and_embeddings_but_not_biases_or_layer_nor
   assert decayed >= 6  # embeddings, attention, feed-forward and head kernels
 
 
-@pytest.mark.parametrize("loss", ["in_batch", "softmax"])
+@pytest.mark.parametrize("loss", ["in_batch", "softmax", "sampled_softmax"])
 def test_all_positions_loss_uses_every_real_position(tiny_windows, tmp_path, loss):
-  config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", loss=loss)
+  config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", loss=loss, num_sampled=40)
   trainer = train_lib.Trainer(config, tiny_windows)
   assert trainer.task.all_positions
   assert trainer.task.catalogue_softmax == (loss == "softmax")
@@ -86,17 +86,25 @@ def test_all_positions_loss_uses_every_real_position(tiny_windows, tmp_path, los
   rows = 16 * tiny_windows.max_seq_len
   assert outputs["queries"].shape[0] == rows
   assert float(tf.reduce_sum(outputs["weights"])) == float(tf.reduce_sum(batch["length"]))
-  # The catalogue softmax scores every item; the in-batch loss one candidate per row.
+  # The catalogue softmax scores every item; the in-batch loss one candidate per
+  # row; the sampled softmax one per row and the step's 40 catalogue items.
   expected = tiny_windows.vocab_sizes["items"] if loss == "softmax" else rows
   assert outputs["item_vectors"].shape[0] == expected
+  if loss == "sampled_softmax":
+    assert outputs["sample_vectors"].shape[0] == 40 and outputs["sample"].numpy().min() >= 1
+    again = trainer.task.forward(batch)["sample"].numpy()
+    np.testing.assert_array_equal(again, outputs["sample"].numpy())  # a function of the step
+    assert not np.array_equal(trainer.task.forward(batch, step=1)["sample"].numpy(), again)
   assert np.isfinite(float(trainer.task.loss(outputs)))
 
 
-def test_resume_equals_an_uninterrupted_run(tiny_windows, tmp_path):
+@pytest.mark.parametrize("loss", ["softmax", "sampled_softmax"])
+def test_resume_equals_an_uninterrupted_run(tiny_windows, tmp_path, loss):
   """6 steps in one run == 3 steps, a new process state, then 3 more (dropout on)."""
   # The interruption is a 3-step run, so the schedule must not depend on the
-  # run's length (cosine would decay over 3 steps); dropout checks the masks.
-  same = dict(lr_schedule="constant", dropout=0.2, export=False)
+  # run's length (cosine would decay over 3 steps); dropout checks the masks,
+  # the sampled softmax its per-step sample.
+  same = dict(lr_schedule="constant", dropout=0.2, export=False, loss=loss, num_sampled=30)
   straight = train_lib.Trainer(
       small_trainer_config(tiny_windows.data_dir, tmp_path / "a", train_steps=6, **same),
       tiny_windows)
@@ -115,12 +123,12 @@ def test_resume_equals_an_uninterrupted_run(tiny_windows, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["in_batch", "softmax"])
+@pytest.mark.parametrize("loss", ["in_batch", "softmax", "sampled_softmax"])
 def test_mirrored_on_two_cpus_trains_checkpoints_and_evaluates(tiny_windows, tmp_path, loss):
   # jit_compile as the binary's default: the gathered loss must still run.
   config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", strategy="mirrored",
                                 num_cpu_replicas=2, train_steps=4, export=False,
-                                jit_compile=True, loss=loss)
+                                jit_compile=True, loss=loss, num_sampled=30)
   trainer = train_lib.Trainer(config, tiny_windows)
   assert trainer.strategy.num_replicas_in_sync == 2
   result = trainer.run()

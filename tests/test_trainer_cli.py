@@ -12,7 +12,8 @@ import pytest
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 SMALL = ["--batch_size=16", "--emb_dim=16", "--num_blocks=1", "--ff_dim=16",
          "--tower_units=16", "--eval_topk=5,10", "--warmup_steps=1", "--nojit_compile",
-         "--shuffle_buffer=256", "--steps_per_loop=1", "--log_every_steps=1"]
+         "--shuffle_buffer=256", "--steps_per_loop=1", "--log_every_steps=1",
+         "--early_stopping_metric="]
 
 
 def trainer(*args, timeout=180):
@@ -32,6 +33,16 @@ def trainer(*args, timeout=180):
      "--symmetric_loss and --num_negatives apply to --loss=in_batch only"),
     (["--loss=softmax", "--batch_size=2000000"],
      "--loss=softmax: --batch_size=2000000 gives 2000000 loss positions per step against"),
+    (["--eval_topk=5,10", "--early_stopping_metric=ndcg@20"],
+     "--early_stopping_metric=ndcg@20: the evaluation writes hit_rate@5, ndcg@5, recall@5, "
+     "hit_rate@10"),
+    (["--eval_every_epochs=0"],
+     "--early_stopping_metric=ndcg@10 (patience 10) needs periodic evaluation"),
+    (["--eval_every_steps=5", "--eval_every_epochs=2"],
+     "--eval_every_steps=5 and --eval_every_epochs=2: set one of them"),
+    (["--loss=sampled_softmax", "--num_sampled=100000"],
+     "--num_sampled=100000: the catalogue has only"),
+    (["--mode=eval"], "--mode=eval: "),
 ])
 def test_inconsistent_flags_fail_with_one_line(tiny_data, tiny_news_dir, tmp_path, flags,
                                                message):
@@ -153,6 +164,12 @@ def test_model_defaults_resolve_per_model_and_yield_to_flags():
           sasrec["lr_schedule"], sasrec["temperature"], sasrec["weight_decay"]) == \
       ("sasrec", "auto", 0.3, 5e-4, "cosine", 0.1, 1.0)
   assert parsed("--weight_decay=0")["weight_decay"] == 0.0
+  # Selection is on for the retrieval models, off for the ranker (no valid split).
+  assert (sasrec["early_stopping_metric"], sasrec["eval_every_epochs"],
+          sasrec["early_stopping_patience"]) == ("ndcg@10", 1, 10)
+  assert (dien["early_stopping_metric"], dien["eval_every_epochs"]) == ("", 0)
+  assert parsed("--eval_every_steps=100")["eval_every_epochs"] == 0
+  assert parsed("--early_stopping_metric=")["early_stopping_metric"] == ""
   from trainer.config import TrainerConfig
   two_tower = TrainerConfig(model="two_tower")
   assert (two_tower.loss, two_tower.dropout) == ("auto", 0.0)

@@ -23,9 +23,10 @@ SASRec paper's 100 sampled negatives, is an optional header line:
 
   # also evaluate: --eval_negatives=100
 
-Each seed's checkpoints are then copied to WORK/seed_S_also, where the
-trainer restores them, trains no further step and evaluates with those flags;
-its metrics are summarised in a second table (summary.json "also_evaluated").
+Each seed's model is then evaluated again by `trainer --mode=eval` (the
+checkpoint the run exported, with those flags) into WORK/seed_S_also.json;
+those metrics are summarised in a second table (summary.json
+"also_evaluated").
 """
 
 import json
@@ -168,8 +169,8 @@ def _metrics(model_dir: Path) -> dict:
 
 def _run_trainer(recipe: Path, data: Path, model_dir: Path, seed: int, trainer_flags: list[str],
                  log: Path) -> dict:
-  """Trains (or, on restored final checkpoints, only evaluates) unless model_dir
-  already has its metrics; returns them."""
+  """Trains (or resumes) one seed unless model_dir already has its metrics;
+  returns them."""
   if not (model_dir / METRICS_FILE).is_file():
     _run(_binary("trainer") + [f"--flagfile={recipe}", f"--data_dir={data}",
                                f"--model_dir={model_dir}", f"--seed={seed}"] + trainer_flags,
@@ -177,20 +178,13 @@ def _run_trainer(recipe: Path, data: Path, model_dir: Path, seed: int, trainer_f
   return _metrics(model_dir)
 
 
-def _evaluate_copy(recipe: Path, data: Path, trained: Path, eval_dir: Path, seed: int,
-                   trainer_flags: list[str], log: Path) -> dict:
-  """Evaluates the trained checkpoints with other flags, in a copy of them
-  (the trainer would otherwise overwrite the run's own metrics.json). A failed
-  evaluation leaves no copy behind."""
-  if not (eval_dir / METRICS_FILE).is_file():
-    shutil.rmtree(eval_dir, ignore_errors=True)
-    shutil.copytree(trained / "checkpoints", eval_dir / "checkpoints")
-    try:
-      return _run_trainer(recipe, data, eval_dir, seed, trainer_flags + ["--noexport"], log)
-    except RecipeError:
-      shutil.rmtree(eval_dir, ignore_errors=True)
-      raise
-  return _metrics(eval_dir)
+def _evaluate_again(model_dir: Path, out: Path, trainer_flags: list[str], log: Path) -> dict:
+  """The run's chosen checkpoint evaluated with other flags into `out` (the
+  run's own metrics.json stays as it is)."""
+  if not out.is_file():
+    _run(_binary("trainer") + ["--mode=eval", f"--model_dir={model_dir}",
+                               f"--eval_metrics_file={out}"] + trainer_flags, log)
+  return json.loads(out.read_text())
 
 
 def main(argv):
@@ -217,14 +211,12 @@ def main(argv):
       runs[seed] = _run_trainer(recipe, data, model_dir, seed, extra, work / f"seed_{seed}.log")
       if also_args is not None:
         # The overrides first: the protocol's flags are what this evaluation is.
-        also_runs[seed] = _evaluate_copy(recipe, data, model_dir, work / f"seed_{seed}_also",
-                                         seed, extra + also_args,
-                                         work / f"seed_{seed}_also.log")
+        also_runs[seed] = _evaluate_again(model_dir, work / f"seed_{seed}_also.json",
+                                          extra + also_args, work / f"seed_{seed}_also.log")
     summary = summarize(runs, FLAGS.metrics)
     if also_args is not None:
       also = summarize(also_runs, FLAGS.metrics)
-      # Its train_seconds are a restore's, not a training run's.
-      also.pop("train_seconds")
+      also.pop("train_seconds")  # an evaluation has none
       summary["also_evaluated"] = {"flags": also_args, **also}
   except (RecipeError, ValueError) as e:
     sys.exit(f"run_recipe: {e}")

@@ -20,8 +20,16 @@ RANKING_MODELS = ("dien",)  # trained on ranking data (preprocess --mode=ranking
 EVOLUTIONS = ("aigru", "augru")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 LR_SCHEDULES = ("constant", "cosine")
-LOSSES = ("auto", "in_batch", "softmax")
+LOSSES = ("auto", "in_batch", "softmax", "sampled_softmax")
+SAMPLERS = ("uniform", "popularity")
+MODES = ("train", "eval")
+# What --mode=eval takes from the command line; everything else is the
+# trained model's (model_dir/trainer_config.json).
+EVALUATION_FIELDS = ("data_dir", "eval_split", "eval_topk", "eval_negatives", "eval_batch_size",
+                     "eval_max_users", "rank_eval_topk", "seed", "eval_checkpoint",
+                     "eval_metrics_file")
 CONFIG_FILE = "trainer_config.json"
+CHECKPOINT_DIR = "checkpoints"  # under model_dir
 # The loss holds a (queries x negatives) logits matrix per step; 2**27 float32
 # entries (512 MB, and as much again for its gradient) is the most we allow.
 # Counted over every position, although the catalogue softmax computes the
@@ -43,7 +51,21 @@ MODEL_DEFAULTS = {
     "dien": {"loss": "in_batch", "dropout": 0.2, "learning_rate": 1e-3,
              "lr_schedule": "constant", "temperature": 0.05, "weight_decay": 0.0},
 }
+# Model selection: the retrieval models evaluate the valid split every epoch,
+# export the best evaluation and stop after `early_stopping_patience`
+# evaluations without improvement; the ranker's held-out lists are its test
+# data, so it has no selection split and keeps the last step.
+SELECTION_DEFAULTS = {
+    "sasrec": {"early_stopping_metric": "ndcg@10", "eval_every_epochs": 1,
+               "early_stopping_patience": 10},
+    "two_tower": {"early_stopping_metric": "ndcg@10", "eval_every_epochs": 1,
+                  "early_stopping_patience": 10},
+    "dien": {"early_stopping_metric": "", "eval_every_epochs": 0, "early_stopping_patience": 0},
+}
+for _model, _defaults in SELECTION_DEFAULTS.items():
+  MODEL_DEFAULTS[_model].update(_defaults)
 MODEL_DEFAULT_FIELDS = tuple(MODEL_DEFAULTS["sasrec"])
+SELECTION_SPLIT = "valid"  # early stopping never looks at test
 # Fields that define the variables a checkpoint holds.
 ARCHITECTURE_FIELDS = ("model", "emb_dim", "num_heads", "num_blocks", "ff_dim", "tower_units",
                        "mixed_precision", "gru_units", "evolution", "aux_loss_weight",
@@ -54,6 +76,7 @@ ARCHITECTURE_FIELDS = ("model", "emb_dim", "num_heads", "num_blocks", "ff_dim", 
 class TrainerConfig:
   """Every trainer flag. Defaults are the recipe that trains well (BUILD_NOTES.md)."""
   model: str = "sasrec"
+  mode: str = "train"  # eval: evaluate a checkpoint, train nothing, write only eval_metrics_file
   data_dir: str = ""
   model_dir: str = ""
   strategy: str = "default"
@@ -90,6 +113,8 @@ class TrainerConfig:
   # softmax: the whole catalogue; in_batch: negatives from the batch; auto:
   # softmax when its logits fit MAX_LOGITS (see resolved_loss).
   loss: str | None = None
+  num_sampled: int = 256  # sampled_softmax: catalogue negatives per step
+  sampler: str = "uniform"  # sampled_softmax: uniform or popularity (training targets)
   symmetric_loss: bool = False
   cross_replica_negatives: bool = True
   remove_accidental_hits: bool = True
@@ -102,6 +127,13 @@ class TrainerConfig:
   checkpoint_every_steps: int = 500
   keep_checkpoints: int = 3
   eval_every_steps: int = 0  # 0: only at the end
+  # None: SELECTION_DEFAULTS (0 when eval_every_steps is set).
+  eval_every_epochs: int | None = None
+  # Model selection on the valid split: "" off; else a metric the evaluation
+  # writes (ndcg@10, hit_rate@20, ...). The best evaluation is kept in
+  # checkpoints/best and is what the final evaluation and the export use.
+  early_stopping_metric: str | None = None
+  early_stopping_patience: int | None = None  # evaluations without improvement; 0: never stop
   eval_split: str = "valid"
   eval_topk: tuple[int, ...] = (10, 20, 50)
   eval_negatives: int = 0  # > 0: rank the target among N sampled unseen items
@@ -112,14 +144,28 @@ class TrainerConfig:
   # 1.4x slower under XLA on CPU, after a 45 s compile; BUILD_NOTES.md).
   jit_compile: bool | None = None
   export: bool = True
+  # --mode=eval: "" (best if the run kept one, else latest), best, latest or a checkpoint path.
+  eval_checkpoint: str = ""
+  eval_metrics_file: str = ""  # --mode=eval: where the metrics go ("" prints them)
 
   def __post_init__(self):
     # Resolved once, at construction: dataclasses.replace(config, model=...)
     # keeps the first model's values, so build a new config to switch models.
     # An unknown model resolves like sasrec; validate() then names the flag.
-    for field, value in MODEL_DEFAULTS.get(self.model, MODEL_DEFAULTS["sasrec"]).items():
+    defaults = dict(MODEL_DEFAULTS.get(self.model, MODEL_DEFAULTS["sasrec"]))
+    if self.eval_every_steps:  # an interval in steps replaces the per-epoch default
+      defaults["eval_every_epochs"] = 0
+    for field, value in defaults.items():
       if getattr(self, field) is None:
         object.__setattr__(self, field, value)
+
+  def eval_interval_steps(self, steps_per_epoch: int) -> int:
+    """Steps between periodic evaluations (0: none)."""
+    return self.eval_every_steps or self.eval_every_epochs * steps_per_epoch
+
+  @property
+  def selects_best(self) -> bool:
+    return bool(self.early_stopping_metric)
 
   @property
   def use_xla(self) -> bool:
@@ -153,6 +199,8 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
 
   if config.model not in MODELS:
     bad(f"--model={config.model!r}: choose from {', '.join(MODELS)}")
+  if config.mode not in MODES:
+    bad(f"--mode={config.mode!r}: choose from {', '.join(MODES)}")
   if config.strategy not in STRATEGIES:
     bad(f"--strategy={config.strategy!r}: choose from {', '.join(STRATEGIES)}")
   if not config.data_dir:
@@ -161,18 +209,25 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
     bad("--model_dir is required")
   for name in ("batch_size", "emb_dim", "num_heads", "num_blocks", "ff_dim", "steps_per_loop",
                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-               "eval_batch_size", "shuffle_buffer"):
+               "eval_batch_size", "shuffle_buffer", "num_sampled"):
     if getattr(config, name) < 1:
       bad(f"--{name}={getattr(config, name)}: must be >= 1")
   for name in ("epochs", "train_steps", "warmup_steps", "eval_every_steps", "eval_negatives",
-               "num_negatives",
+               "num_negatives", "eval_every_epochs", "early_stopping_patience",
                "eval_max_users", "num_cpu_replicas"):
     if getattr(config, name) < 0:
       bad(f"--{name}={getattr(config, name)}: must be >= 0")
   if config.loss not in LOSSES:
     bad(f"--loss={config.loss!r}: choose from {', '.join(LOSSES)}")
-  if config.loss == "softmax" and (config.symmetric_loss or config.num_negatives):
+  if config.loss in ("softmax", "sampled_softmax") and (config.symmetric_loss or
+                                                        config.num_negatives):
     bad("--symmetric_loss and --num_negatives apply to --loss=in_batch only")
+  if config.sampler not in SAMPLERS:
+    bad(f"--sampler={config.sampler!r}: choose from {', '.join(SAMPLERS)}")
+  if config.eval_every_steps and config.eval_every_epochs:
+    bad(f"--eval_every_steps={config.eval_every_steps} and --eval_every_epochs="
+        f"{config.eval_every_epochs}: set one of them")
+  _check_selection(config)
   if config.symmetric_loss and config.num_negatives:
     bad("--symmetric_loss needs the full in-batch pool (--num_negatives=0)")
   if config.epochs == 0 and config.train_steps == 0:
@@ -209,6 +264,10 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
   if replicas and config.batch_size % replicas:
     bad(f"--batch_size={config.batch_size} is not divisible by the {replicas} replicas")
 
+  if config.mode == "eval":
+    from trainer import selection  # no TensorFlow
+    selection.checkpoint_to_evaluate(Path(config.model_dir) / CHECKPOINT_DIR,
+                                     config.eval_checkpoint)
   if config.model in RANKING_MODELS:
     try:
       manifest = mf.load_ranking(config.data_dir)
@@ -220,14 +279,24 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
     manifest = mf.load(config.data_dir)
   except DataError as e:
     bad(f"--data_dir: {e}")
+  if config.selects_best and SELECTION_SPLIT not in manifest.eval_splits:
+    bad(f"--early_stopping_metric={config.early_stopping_metric}: {config.data_dir} has no "
+        f"{SELECTION_SPLIT!r} split to select on")
   if config.eval_split not in manifest.eval_splits:
     bad(f"--eval_split={config.eval_split}: {config.data_dir} was preprocessed with "
         f"--holdout={manifest.holdout}, which has {', '.join(manifest.eval_splits)}")
   if config.eval_negatives and config.eval_negatives >= manifest.vocab_sizes["items"] - 1:
     bad(f"--eval_negatives={config.eval_negatives}: the catalogue has only "
         f"{manifest.vocab_sizes['items'] - 1} items")
+  if config.loss == "sampled_softmax" and config.num_sampled > manifest.vocab_sizes["items"] - 1:
+    bad(f"--num_sampled={config.num_sampled}: the catalogue has only "
+        f"{manifest.vocab_sizes['items'] - 1} items")
   queries = loss_positions_per_step(config, manifest)
-  if resolved_loss(config, manifest) == "softmax":
+  if config.loss == "sampled_softmax":
+    if queries * config.num_sampled > MAX_LOGITS:
+      bad(f"--loss=sampled_softmax: --batch_size={config.batch_size} gives {queries} loss "
+          f"positions per step against --num_sampled={config.num_sampled}; lower one of them")
+  elif resolved_loss(config, manifest) == "softmax":
     items = manifest.vocab_sizes["items"]
     if queries * items > MAX_LOGITS:
       bad(f"--loss=softmax: --batch_size={config.batch_size} gives {queries} loss positions per "
@@ -247,6 +316,27 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
   return manifest
 
 
+def _check_selection(config: TrainerConfig) -> None:
+  """Early-stopping flags against each other and the evaluation's metrics."""
+  from retrieval.metrics import metric_names  # numpy only
+  if not config.selects_best:
+    return
+  metric = config.early_stopping_metric
+  if config.model in RANKING_MODELS:
+    raise ConfigError(f"--early_stopping_metric={metric}: --model={config.model} is evaluated on "
+                      "its test lists and has no validation split to select on; pass "
+                      "--early_stopping_metric=''")
+  names = metric_names(config.eval_topk)
+  if metric not in names:
+    raise ConfigError(f"--early_stopping_metric={metric}: the evaluation writes "
+                      f"{', '.join(names)} (--eval_topk sets the cut-offs)")
+  if not (config.eval_every_steps or config.eval_every_epochs):
+    raise ConfigError(f"--early_stopping_metric={metric} (patience "
+                      f"{config.early_stopping_patience}) needs periodic evaluation: set "
+                      "--eval_every_epochs or --eval_every_steps, or turn selection off with "
+                      "--early_stopping_metric=''")
+
+
 def loss_positions_per_step(config: TrainerConfig, manifest: mf.Manifest) -> int:
   windows = config.all_positions and manifest.samples == "windows"
   return config.batch_size * (manifest.max_seq_len if windows else 1)
@@ -257,7 +347,7 @@ def resolved_loss(config: TrainerConfig, manifest: mf.Manifest) -> str:
   positions x items) logits fit MAX_LOGITS and no in-batch-only option is set,
   else in-batch negatives (BUILD_NOTES.md, issue 6 ablation)."""
   if config.loss != "auto":
-    return config.loss
+    return config.loss  # softmax, in_batch or sampled_softmax
   if config.symmetric_loss or config.num_negatives:
     return "in_batch"
   fits = loss_positions_per_step(config, manifest) * manifest.vocab_sizes["items"] <= MAX_LOGITS
@@ -280,6 +370,29 @@ def _check_saved_config(config: TrainerConfig) -> None:
   if Path(saved.data_dir).absolute() != Path(config.data_dir).absolute():
     raise ConfigError(f"--data_dir={config.data_dir} differs from {saved.data_dir} the "
                       f"checkpoints in {config.model_dir} were trained on")
+
+
+def for_evaluation(given: TrainerConfig, present: set[str]) -> TrainerConfig:
+  """--mode=eval: the trained model's saved config with the evaluation flags
+  the command line gave (`present`); a different architecture is refused."""
+  path = Path(given.model_dir) / CONFIG_FILE
+  if not given.model_dir:
+    raise ConfigError("--model_dir is required")
+  if not path.is_file():
+    raise ConfigError(f"--mode=eval: {path} does not exist (--model_dir has no trained model)")
+  try:
+    saved = json.loads(path.read_text())
+    trained = TrainerConfig.from_dict(saved)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"--model_dir: {path} is not a trainer config ({e})") from e
+  for name in sorted(present & set(ARCHITECTURE_FIELDS)):
+    if getattr(given, name) != getattr(trained, name):
+      raise ConfigError(f"--{name}={getattr(given, name)} differs from "
+                        f"{getattr(trained, name)} of the model in {given.model_dir}")
+  values = {**saved, "mode": "eval", "model_dir": given.model_dir}
+  for name in present & set(EVALUATION_FIELDS):
+    values[name] = getattr(given, name)
+  return TrainerConfig.from_dict(values)
 
 
 def save(config: TrainerConfig) -> None:

@@ -47,6 +47,7 @@ class Evaluator:
       values, offsets = csr_take_rows(queries.values, queries.offsets, rows)
       queries = histories.Queries(queries.user[rows], queries.target[rows], values, offsets)
     self.split, self.ks, self.negatives, self.seed = split, tuple(ks), negatives, seed
+    self.max_users = max_users
     self.batch_size = batch_size
     self.queries = queries
     self.history = queries.last_items(manifest.max_seq_len)[0]

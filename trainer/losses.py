@@ -1,6 +1,8 @@
-"""In-batch softmax (InfoNCE) retrieval loss, one small layer.
+"""Retrieval losses, one small layer each: the in-batch softmax (InfoNCE),
+the softmax over the whole catalogue, and the sampled softmax over negatives
+drawn from the catalogue (CatalogueSampler).
 
-Row i of `query` has candidate i as its positive. Its negatives are a pool
+In-batch softmax: row i of `query` has candidate i as its positive. Its negatives are a pool
 of the batch's other candidates: all of them (the notebooks), or with
 `num_negatives=M` a random subset of M shared by all queries of the step
 (for the all-position loss of windows, where the full batch would make a
@@ -26,6 +28,7 @@ Rows with weight 0 (padding positions of a window) are neither queries nor
 negatives. Logits are computed in float32.
 """
 
+import numpy as np
 import tensorflow as tf
 
 _MASKED = -1e9  # finite, so rows of padding stay NaN-free
@@ -203,6 +206,106 @@ class CatalogueSoftmaxLoss(tf.Module):
         tf.cast(tf.gather(query, rows), tf.float32), tf.cast(item_vectors, tf.float32),
         tf.gather(targets, rows), tf.gather(weights, rows) * is_real,
         tf.constant(1.0 / self.temperature, tf.float32))
+    weight_sum = tf.reduce_sum(weights)
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+      weight_sum = ctx.all_reduce(tf.distribute.ReduceOp.SUM, weight_sum)
+    return total / tf.maximum(weight_sum, 1.0)
+
+
+class CatalogueSampler(tf.Module):
+  """Draws negatives from the whole catalogue (item indices 1..V-1), with replacement.
+
+  uniform: every item equally likely; popularity: proportional to its
+  training target count (`counts`, at least 1 each, so every item can be
+  drawn). `log_expected_count(ids)` is log(N q(id)) for a sample of N, the
+  logQ correction of the sampled softmax (Jean et al. 2015; Bengio and
+  Senecal 2008): with it the sampled loss is an unbiased-in-the-limit
+  estimate of the full softmax, and for uniform sampling it is a constant
+  that changes nothing.
+  """
+
+  def __init__(self, num_items: int, kind: str = "uniform", counts=None, name=None):
+    super().__init__(name=name)
+    if kind not in ("uniform", "popularity"):
+      raise ValueError(f"unknown sampler {kind!r}")
+    self.num_items, self.kind = num_items, kind
+    if kind == "uniform":
+      probability = np.full(num_items - 1, 1.0 / (num_items - 1))
+    else:
+      weights = np.maximum(np.asarray(counts, np.float64)[1:num_items], 1.0)
+      probability = weights / weights.sum()
+    # Row 0 (padding) is never drawn; its log-probability is kept finite.
+    self.log_probability = tf.constant(
+        np.log(np.concatenate([[1.0], probability])).astype(np.float32))
+    cdf = np.cumsum(probability)
+    cdf[-1] = 1.0
+    self.cdf = tf.constant(cdf, tf.float64)
+
+  def sample(self, n: int, seed: tf.Tensor) -> tf.Tensor:
+    """[n] int32 item indices in [1, V), a function of `seed` ([2] int64) only."""
+    if self.kind == "uniform":
+      return tf.random.stateless_uniform([n], seed=seed, minval=1, maxval=self.num_items,
+                                         dtype=tf.int32, alg="philox")
+    u = tf.random.stateless_uniform([n], seed=seed, dtype=tf.float64, alg="philox")
+    index = tf.searchsorted(self.cdf, u, side="right")
+    return tf.cast(tf.minimum(index, self.num_items - 2), tf.int32) + 1
+
+  def log_expected_count(self, ids: tf.Tensor, n: int) -> tf.Tensor:
+    return tf.gather(self.log_probability, ids) + tf.math.log(float(n))
+
+
+@tf.function(jit_compile=True)
+def _weighted_sampled_cross_entropy(query, positive, positive_log_q, sample, sample_log_q,
+                                    is_hit, weights, inverse_temperature):
+  """sum_i w_i (logsumexp([p_i, n_i1..n_iN]) - p_i), with p_i = q_i.v_i / T - logQ(i)
+  and n_ij = q_i.s_j / T - logQ(j), n_ij left out where sample j is row i's positive."""
+  query = query * inverse_temperature
+  positive_logit = tf.reduce_sum(query * positive, axis=-1) - positive_log_q
+  negative_logits = tf.matmul(query, sample, transpose_b=True) - sample_log_q[None, :]
+  negative_logits = tf.where(is_hit, tf.constant(_MASKED, tf.float32), negative_logits)
+  logits = tf.concat([positive_logit[:, None], negative_logits], axis=1)
+  return tf.reduce_sum((tf.reduce_logsumexp(logits, axis=-1) - positive_logit) * weights)
+
+
+class SampledSoftmaxLoss(tf.Module):
+  """Softmax over each row's positive and N negatives shared by the whole step.
+
+  The negatives come from the catalogue (CatalogueSampler), not the batch,
+  so every item can be a negative whatever the batch holds; this is the loss
+  of SASRec+SS, gSASRec's softmax baseline and HSTU, and the way a catalogue
+  too large for the full softmax gets thousands of negatives. A sampled item
+  equal to the row's positive is not one of its negatives. Each logit loses
+  log(N q(item)) (logQ). Rows of weight 0 are dropped before the matmul and
+  the real ones padded to a bucket size, as in CatalogueSoftmaxLoss. With the
+  whole catalogue as the sample (uniform, N = V - 1) it equals that loss.
+  """
+
+  def __init__(self, temperature: float, name: str | None = None):
+    super().__init__(name=name)
+    self.temperature = temperature
+
+  def __call__(self, query: tf.Tensor, positive_vectors: tf.Tensor, positive_ids: tf.Tensor,
+               weights: tf.Tensor, sample_vectors: tf.Tensor, sample_ids: tf.Tensor,
+               positive_log_q: tf.Tensor, sample_log_q: tf.Tensor) -> tf.Tensor:
+    """Returns this replica's share of the global weighted mean loss.
+
+    query, positive_vectors: [n, d]; positive_ids, weights, positive_log_q:
+    [n]; sample_vectors: [N, d]; sample_ids, sample_log_q: [N].
+    """
+    weights = tf.cast(weights, tf.float32)
+    real = tf.cast(tf.where(weights > 0)[:, 0], tf.int32)
+    num_real = tf.size(real)
+    rows = tf.pad(real, [[0, _row_bucket(num_real) - num_real]])
+    is_real = tf.sequence_mask(num_real, tf.size(rows), dtype=tf.float32)
+    ids = tf.gather(positive_ids, rows)
+    total = _weighted_sampled_cross_entropy(
+        tf.cast(tf.gather(query, rows), tf.float32),
+        tf.cast(tf.gather(positive_vectors, rows), tf.float32),
+        tf.cast(tf.gather(positive_log_q, rows), tf.float32),
+        tf.cast(sample_vectors, tf.float32), tf.cast(sample_log_q, tf.float32),
+        tf.equal(ids[:, None], tf.cast(sample_ids, ids.dtype)[None, :]),
+        tf.gather(weights, rows) * is_real, tf.constant(1.0 / self.temperature, tf.float32))
     weight_sum = tf.reduce_sum(weights)
     ctx = tf.distribute.get_replica_context()
     if ctx is not None and ctx.num_replicas_in_sync > 1:

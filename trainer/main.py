@@ -4,8 +4,12 @@
   trainer --model=two_tower --data_dir=OUT --model_dir=MODEL --strategy=mirrored
   trainer --model=dien --data_dir=RANK_OUT --model_dir=RANKER   # preprocess --mode=ranking data
   trainer --flagfile=configs/ml1m_sasrec.flags
+  trainer --mode=eval --model_dir=MODEL --eval_negatives=100 --eval_metrics_file=m.json
 
-Re-running the same command resumes from the latest checkpoint. Flags are
+Re-running the same command resumes from the latest checkpoint. The
+retrieval models evaluate the valid split every epoch, keep the best
+evaluation in MODEL/checkpoints/best, stop after --early_stopping_patience
+evaluations without improvement, and evaluate and export the best. Flags are
 checked before TensorFlow starts; the ones used are saved in
 MODEL/trainer_config.json. Outputs: MODEL/checkpoints, MODEL/summaries
 (TensorBoard), MODEL/metrics.json, MODEL/export (trainer/export.py).
@@ -30,13 +34,19 @@ def _by_model(field: str) -> str:
 
 
 flags.DEFINE_enum("model", _D.model, config_lib.MODELS, "Model to train.")
+flags.DEFINE_enum("mode", _D.mode, config_lib.MODES,
+                  "train: train (or resume), evaluate, export. eval: evaluate --eval_checkpoint of "
+                  "--model_dir on every held-out split and write only --eval_metrics_file; the "
+                  "model's settings come from its trainer_config.json, the evaluation flags from "
+                  "the command line.")
 flags.DEFINE_string("data_dir", None, "preprocess output directory (has manifest.json).")
 flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, metrics and export go here.")
 flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES, "tf.distribute strategy.")
 flags.DEFINE_integer("num_cpu_replicas", _D.num_cpu_replicas,
                      "mirrored: split the CPU into N logical devices (testing without GPUs).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size over all replicas.")
-flags.DEFINE_integer("epochs", _D.epochs, "Epochs over the training split.")
+flags.DEFINE_integer("epochs", _D.epochs, "Epochs over the training split (with early "
+                     "stopping: the most it may train).")
 flags.DEFINE_integer("train_steps", _D.train_steps, "If > 0: total steps (overrides --epochs).")
 flags.DEFINE_float("learning_rate", None,
                    f"Peak Adam learning rate ({_by_model('learning_rate')}).")
@@ -75,8 +85,15 @@ flags.DEFINE_list("rank_eval_topk", list(map(str, _D.rank_eval_topk)),
                   "dien: HitRate/NDCG cut-offs of the reranked lists.")
 flags.DEFINE_enum("loss", None, list(config_lib.LOSSES),
                   "in_batch: in-batch negatives (any catalogue size); softmax: full softmax over "
-                  "every item (exact, for catalogues up to ~100k items); auto: softmax when its "
+                  "every item (exact, for catalogues up to ~100k items); sampled_softmax: "
+                  "--num_sampled catalogue negatives per step; auto: softmax when its "
                   f"logits fit in memory, else in_batch ({_by_model('loss')}).")
+flags.DEFINE_integer("num_sampled", _D.num_sampled,
+                     "sampled_softmax: negatives drawn from the whole catalogue per step, shared "
+                     "by every position and replica.")
+flags.DEFINE_enum("sampler", _D.sampler, list(config_lib.SAMPLERS),
+                  "sampled_softmax: uniform over the catalogue, or popularity (training target "
+                  "counts); logQ correction either way.")
 flags.DEFINE_boolean("symmetric_loss", _D.symmetric_loss, "Add the item->user softmax.")
 flags.DEFINE_boolean("cross_replica_negatives", _D.cross_replica_negatives,
                      "Gather negatives from all replicas (the global batch).")
@@ -96,6 +113,16 @@ flags.DEFINE_integer("checkpoint_every_steps", _D.checkpoint_every_steps,
 flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "Checkpoints kept.")
 flags.DEFINE_integer("eval_every_steps", _D.eval_every_steps,
                      "Evaluate every N steps (0: only at the end).")
+flags.DEFINE_integer("eval_every_epochs", None,
+                     f"Evaluate every N epochs ({_by_model('eval_every_epochs')}; 0 when "
+                     "--eval_every_steps is set).")
+flags.DEFINE_string("early_stopping_metric", None,
+                    "Select the model on this metric of the valid split at each periodic "
+                    "evaluation (e.g. ndcg@10, hit_rate@20); '' turns selection off "
+                    f"({_by_model('early_stopping_metric')}).")
+flags.DEFINE_integer("early_stopping_patience", None,
+                     "Stop after N periodic evaluations without improvement; 0: train every "
+                     f"epoch and still export the best ({_by_model('early_stopping_patience')}).")
 flags.DEFINE_enum("eval_split", _D.eval_split, ["valid", "test"], "Split to evaluate on.")
 flags.DEFINE_list("eval_topk", list(map(str, _D.eval_topk)), "HitRate/NDCG cut-offs.")
 flags.DEFINE_integer("eval_negatives", _D.eval_negatives,
@@ -108,6 +135,11 @@ flags.DEFINE_boolean("mixed_precision", _D.mixed_precision,
 flags.DEFINE_boolean("jit_compile", None, "XLA-compile the training step (default: on for "
                      "sasrec and two_tower, off for dien, which XLA on CPU runs slower).")
 flags.DEFINE_boolean("export", _D.export, "Export the user tower and item embeddings.")
+flags.DEFINE_string("eval_checkpoint", _D.eval_checkpoint,
+                    "--mode=eval: best, latest or a checkpoint path (default: best when the run "
+                    "kept one, else latest).")
+flags.DEFINE_string("eval_metrics_file", _D.eval_metrics_file,
+                    "--mode=eval: write the metrics JSON here (default: print it).")
 
 
 def config_from_flags() -> config_lib.TrainerConfig:
@@ -130,11 +162,21 @@ def main(argv):
     fail(f"unexpected arguments {argv[1:]}", 2)
   try:
     config = config_from_flags()
+    if config.mode == "eval":
+      present = {f for f in config_lib.TrainerConfig.__dataclass_fields__ if FLAGS[f].present}
+      config = config_lib.for_evaluation(config, present)
     manifest = config_lib.validate(config)
   except config_lib.ConfigError as e:
     fail(str(e), 2)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from trainer import train_lib  # imports TensorFlow: only after the flags are known good
+  if config.mode == "eval":
+    try:
+      evaluated = train_lib.run_evaluation(config, manifest)
+    except (config_lib.ConfigError, DataError) as e:
+      fail(str(e), 2 if isinstance(e, config_lib.ConfigError) else 1)
+    print(evaluated)
+    return
   try:
     result = train_lib.train(config, manifest)
   except (config_lib.ConfigError, DataError) as e:
@@ -144,7 +186,9 @@ def main(argv):
   if result.interrupted:
     print(f"trainer: stopped by SIGTERM at step {result.global_step}; checkpoint saved")
   elif result.metrics is not None:
-    print(f"trainer: step {result.global_step}, {result.headline} "
+    chosen = "" if result.metrics["global_step"] == result.global_step else \
+        f" (best: step {result.metrics['global_step']})"
+    print(f"trainer: step {result.global_step}{chosen}, {result.headline} "
           f"({config.model_dir}/metrics.json)")
 
 

@@ -8,8 +8,11 @@ XLA-compiles its own cross-entropy on bucket-padded rows). The loss of a batch i
 `task.loss(task.forward(batch, training, step), step)`; `step` seeds the
 dropout masks and the negative pool, so a resumed run repeats them.
 
-RetrievalTask (sasrec, two_tower): the in-batch softmax loss (--loss=in_batch)
-or the softmax over the whole catalogue (--loss=softmax).
+RetrievalTask (sasrec, two_tower): the in-batch softmax loss (--loss=in_batch),
+the softmax over the whole catalogue (--loss=softmax), or the sampled softmax
+over --num_sampled catalogue negatives per step (--loss=sampled_softmax;
+the sample is a function of (seed, step) only, so every replica and a
+resumed run draw the same one).
 
 positions data (and --noall_positions): one query per example, the last
 position, whose positive is the example's target (the notebooks).
@@ -28,7 +31,8 @@ import tensorflow as tf
 from preprocess import manifest as mf
 from trainer import config as config_lib
 from trainer.config import TrainerConfig
-from trainer.losses import CatalogueSoftmaxLoss, InBatchSoftmaxLoss
+from trainer.losses import (CatalogueSampler, CatalogueSoftmaxLoss, InBatchSoftmaxLoss,
+                            SampledSoftmaxLoss)
 from trainer.models import RetrievalModel
 
 
@@ -43,10 +47,20 @@ def step_seed(seed: int, step: tf.Tensor | int) -> tf.Tensor:
                    tf.cast(step, tf.int64) * 4096 + tf.cast(replica, tf.int64)])
 
 
+def sample_seed(seed: int, step: tf.Tensor | int) -> tf.Tensor:
+  """[2] int64 keying the catalogue sample of one step: the same on every replica."""
+  return tf.stack([tf.constant(seed, tf.int64) + 1_000_000_007, tf.cast(step, tf.int64)])
+
+
+def item_target_counts(manifest: mf.Manifest) -> np.ndarray:
+  """Training target count of every item index (float64)."""
+  counts = pq.read_table(manifest.path(mf.ITEMS_FILE), columns=[mf.ITEM_FREQUENCY_COLUMN])
+  return counts.column(0).to_numpy().astype(np.float64)
+
+
 def item_log_q(manifest: mf.Manifest) -> np.ndarray:
   """log P(item is a training target): the in-batch candidate distribution."""
-  counts = pq.read_table(manifest.path(mf.ITEMS_FILE), columns=[mf.ITEM_FREQUENCY_COLUMN])
-  counts = counts.column(0).to_numpy().astype(np.float64)
+  counts = item_target_counts(manifest)
   # Items never trained on never appear as candidates; keep their log finite.
   return np.log(np.maximum(counts, 1.0) / max(counts.sum(), 1.0)).astype(np.float32)
 
@@ -59,8 +73,14 @@ class RetrievalTask:
     self.all_positions = config.all_positions and manifest.samples == "windows"
     self.log_q = tf.constant(item_log_q(manifest))
     self.num_items = manifest.vocab_sizes["items"]
-    self.catalogue_softmax = config_lib.resolved_loss(config, manifest) == "softmax"
+    loss = config_lib.resolved_loss(config, manifest)
+    self.catalogue_softmax = loss == "softmax"
     self.softmax_loss = CatalogueSoftmaxLoss(config.temperature)
+    self.num_sampled = config.num_sampled if loss == "sampled_softmax" else 0
+    if self.num_sampled:
+      self.sampler = CatalogueSampler(self.num_items, config.sampler,
+                                      item_target_counts(manifest))
+      self.sampled_loss = SampledSoftmaxLoss(config.temperature)
     self.in_batch_loss = InBatchSoftmaxLoss(
         temperature=config.temperature,
         remove_accidental_hits=config.remove_accidental_hits,
@@ -73,7 +93,8 @@ class RetrievalTask:
   def forward(self, batch: dict[str, tf.Tensor], training: bool = True,
               step: tf.Tensor | int = 0) -> dict[str, tf.Tensor]:
     """Queries [n, d], their positives and weights [n], and the item vectors:
-    of every item (catalogue softmax) or of each positive (in-batch)."""
+    of every item (catalogue softmax) or of each positive (in-batch and
+    sampled; the sampled softmax adds the step's sample and its vectors)."""
     history, target = batch[mf.FEATURE_HISTORY], batch[mf.FEATURE_TARGET]
     seed = step_seed(self.seed, step)  # keys the dropout masks
     if self.all_positions:
@@ -90,15 +111,29 @@ class RetrievalTask:
                                       seed=seed)
       positives = target
       weights = tf.ones(tf.shape(target), tf.float32)
+    outputs = {"queries": queries, "positives": positives, "weights": weights}
+    if self.num_sampled:
+      sample = self.sampler.sample(self.num_sampled, sample_seed(self.seed, step))
+      vectors = self.model.item_vectors(tf.concat([positives, sample], axis=0),
+                                        training=training, seed=seed)
+      n = tf.shape(positives)[0]
+      return {**outputs, "item_vectors": vectors[:n], "sample": sample,
+              "sample_vectors": vectors[n:]}
     items = tf.range(self.num_items) if self.catalogue_softmax else positives
-    return {"queries": queries, "positives": positives, "weights": weights,
-            "item_vectors": self.model.item_vectors(items, training=training, seed=seed)}
+    return {**outputs, "item_vectors": self.model.item_vectors(items, training=training,
+                                                               seed=seed)}
 
   def loss(self, outputs: dict[str, tf.Tensor], step: tf.Tensor | int = 0) -> tf.Tensor:
     """This replica's share of the global mean loss (see losses.py)."""
     queries, positives, weights = outputs["queries"], outputs["positives"], outputs["weights"]
     if self.catalogue_softmax:
       return self.softmax_loss(queries, outputs["item_vectors"], positives, weights)
+    if self.num_sampled:
+      sample = outputs["sample"]
+      return self.sampled_loss(queries, outputs["item_vectors"], positives, weights,
+                               outputs["sample_vectors"], sample,
+                               self.sampler.log_expected_count(positives, self.num_sampled),
+                               self.sampler.log_expected_count(sample, self.num_sampled))
     return self.in_batch_loss(queries, outputs["item_vectors"], positives, weights,
                               tf.gather(self.log_q, positives),
                               seed=step_seed(self.seed, step))  # keys the negative pool

@@ -12,6 +12,13 @@ call (Model Garden / Orbit style). Around it:
 * SIGTERM finishes the current loop, saves a checkpoint and returns
   normally (exit 0). A NaN/Inf loss raises TrainingError before anything is
   saved, so the last good checkpoint stays the latest.
+* Model selection (trainer/selection.py): with --early_stopping_metric the
+  valid split is evaluated every --eval_every_epochs (a checkpoint first, so
+  a resume repeats the decisions), the best evaluation's weights are kept in
+  checkpoints/best, training stops after --early_stopping_patience
+  evaluations without improvement, and the best weights are what the final
+  evaluation and the export use. The chief evaluates and decides; under
+  multi_worker a collective hands its decision to every worker.
 * Progress lines with examples/s; TensorBoard scalars (loss, learning rate,
   examples/s, eval metrics) in model_dir/summaries.
 * Keras 3 trap: the optimizer is built inside strategy.scope() before the
@@ -19,6 +26,7 @@ call (Model Garden / Orbit style). Around it:
 """
 
 import dataclasses
+import json
 import math
 import shutil
 import signal
@@ -35,11 +43,11 @@ from preprocess import manifest as mf
 from preprocess.fileio import write_json_atomic
 from trainer import cluster
 from trainer import config as config_lib
-from trainer import evaluation, export, input_pipeline, models, ranking_eval, strategies
+from trainer import evaluation, export, input_pipeline, models, ranking_eval, selection, strategies
 from trainer import task as task_lib
 from trainer.config import TrainerConfig
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = config_lib.CHECKPOINT_DIR
 WORKER_TMP_DIR = "worker_tmp"  # non-chief workers' checkpoints, removed at the end
 METRICS_FILE = "metrics.json"
 TRAIN_SUMMARIES = Path("summaries") / "train"  # under model_dir: loss, learning_rate, examples/s
@@ -59,9 +67,9 @@ class TrainingError(RuntimeError):
 
 @dataclasses.dataclass
 class RunResult:
-  global_step: int
+  global_step: int  # steps trained
   interrupted: bool
-  metrics: dict | None
+  metrics: dict | None  # its "global_step" is the step evaluated and exported (the best)
   headline: str = ""  # the final evaluation in one line
 
 
@@ -185,6 +193,7 @@ class Trainer:
     self.manager = tf.train.CheckpointManager(self.checkpoint, str(checkpoint_dir),
                                               max_to_keep=config.keep_checkpoints)
     self._eval_writer = None
+    self._broadcast = None  # _agree's collective, built on first use
 
   def _worker_tmp_dir(self) -> Path:
     return self.model_dir / WORKER_TMP_DIR / self.cluster.worker_name
@@ -238,14 +247,86 @@ class Trainer:
     return train_loop
 
   def _evaluator(self, max_users: int, split: str | None = None):
-    """The evaluator of --eval_split (or `split`, retrieval models only)."""
+    return make_evaluator(self.config, self.manifest, max_users, split)
+
+  @property
+  def checkpoint_dir(self) -> Path:
+    return self.model_dir / CHECKPOINT_DIR
+
+  def _is_evaluation_step(self, step: int) -> bool:
+    """A periodic evaluation follows this step (with selection: the last step too)."""
+    interval = self.config.eval_interval_steps(self.steps_per_epoch)
+    if not interval or step <= 0:
+      return False
+    if step == self.total_steps:
+      return self.config.selects_best
+    return step % interval == 0
+
+  def _load_selection(self, step: int) -> selection.Selection:
     c = self.config
-    if c.model in config_lib.RANKING_MODELS:
-      # Rows per batch do not change results; large batches amortise the GRU's small ops.
-      return ranking_eval.RankingEvaluator(self.manifest, c.rank_eval_topk, max_users=max_users,
-                                           seed=c.seed)
-    return evaluation.Evaluator(self.manifest, split or c.eval_split, c.eval_topk,
-                                c.eval_negatives, c.eval_batch_size, max_users, c.seed)
+    chosen = selection.load(self.checkpoint_dir, c.early_stopping_metric,
+                            config_lib.SELECTION_SPLIT, c.early_stopping_patience, step)
+    best, kept = chosen.best(), selection.read_best(self.checkpoint_dir)
+    if best is not None and (kept is None or kept["step"] != best["step"]):
+      raise TrainingError(
+          f"{selection.best_file(self.checkpoint_dir)} names step "
+          f"{kept and kept['step']}, but the validation curve's best is step {best['step']}; "
+          "the model directory was changed by hand, use another --model_dir")
+    if chosen.curve:
+      logging.info("selection on %s %s: %d evaluations up to step %d, best %.4f at step %d",
+                   chosen.split, chosen.metric, len(chosen.curve), step, best[chosen.metric],
+                   best["step"])
+    return chosen
+
+  def _select(self, evaluator, chosen: selection.Selection, step: int) -> None:
+    """Evaluates the valid split at `step`, keeps the weights if they are the best."""
+    result = self._log_eval(evaluator, evaluator.evaluate(self.model), step)
+    entry = {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
+             **{k: v for k, v in result.items() if isinstance(v, float)}}
+    if chosen.add(entry):
+      self._save_best(entry)
+    chosen.save(self.checkpoint_dir)  # after best/: see trainer/selection.py
+    best = chosen.best()
+    logging.info("selection at step %d: %s %.4f; best %.4f at step %d, %d of %s evaluations "
+                 "without improvement", step, chosen.metric, entry[chosen.metric],
+                 best[chosen.metric], best["step"], chosen.evaluations_since_best(),
+                 chosen.patience or "unlimited")
+
+  def _save_best(self, entry: dict) -> None:
+    best_dir = self.checkpoint_dir / selection.BEST_DIR
+    name = f"ckpt-{entry['step']}"
+    tf.train.Checkpoint(model=self.model).write(str(best_dir / name))
+    write_json_atomic(selection.best_file(self.checkpoint_dir),
+                      {"step": entry["step"], "epoch": entry["epoch"],
+                       "metric": self.config.early_stopping_metric,
+                       "value": entry[self.config.early_stopping_metric], "checkpoint": name})
+    for path in best_dir.glob("ckpt-*"):  # the previous best
+      if not path.name.startswith(name + "."):
+        path.unlink(missing_ok=True)
+
+  def _restore_best(self, best: dict) -> None:
+    prefix = selection.best_prefix(self.checkpoint_dir, best)
+    tf.train.Checkpoint(model=self.model).read(str(prefix)).assert_consumed()
+    logging.info("restored the best evaluation, step %d (%s %.4f), from %s", best["step"],
+                 best["metric"], best["value"], prefix)
+
+  def _agree(self, chief_decision: bool) -> bool:
+    """The chief's decision, on every worker (one collective under multi_worker)."""
+    if self.cluster is None:
+      return chief_decision
+    if self._broadcast is None:
+      strategy = self.strategy
+      local_replicas = len(strategy.extended.worker_devices)
+
+      @tf.function
+      def broadcast(value):
+        # Each of the chief's replicas adds value / local replicas, the others 0.
+        per_replica = strategy.run(lambda: value / local_replicas)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+      self._broadcast = broadcast
+    value = 1.0 if self.is_chief and chief_decision else 0.0
+    return float(self._broadcast(tf.constant(value, tf.float32))) > 0.5
 
   def run(self) -> RunResult:
     c = self.config
@@ -261,7 +342,18 @@ class Trainer:
     train_loop = self._train_loop_function()
     writer = tf.summary.create_file_writer(str(self.model_dir / TRAIN_SUMMARIES)) \
         if self.is_chief else tf.summary.create_noop_writer()
-    periodic_eval = self._evaluator(c.eval_max_users) if c.eval_every_steps else None
+    interval = c.eval_interval_steps(self.steps_per_epoch)
+    periodic_eval = None
+    if interval and self.is_chief:
+      periodic_eval = self._evaluator(
+          c.eval_max_users, config_lib.SELECTION_SPLIT if c.selects_best else None)
+    chosen = self._load_selection(step) if c.selects_best and self.is_chief else None
+    stopped_early = False
+    if c.selects_best:
+      if chosen is not None and self._is_evaluation_step(step) and not chosen.has(step):
+        # Killed after the evaluation step's checkpoint, before its evaluation.
+        self._select(periodic_eval, chosen, step)
+      stopped_early = self._agree(chosen is not None and chosen.exhausted)
     logging.info("training %s: %d steps (%d per epoch), global batch %d on %d replicas%s",
                  c.model, self.total_steps, self.steps_per_epoch, c.batch_size,
                  self.strategy.num_replicas_in_sync,
@@ -271,12 +363,12 @@ class Trainer:
     train_started = time.perf_counter()
     window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
     with _StopFlag() as stop:
-      while step < self.total_steps:
+      while step < self.total_steps and not stopped_early:
         boundaries = [self.total_steps, _next_multiple(step, c.steps_per_loop),
                       _next_multiple(step, c.checkpoint_every_steps),
                       _next_multiple(step, c.log_every_steps)]
-        if c.eval_every_steps:
-          boundaries.append(_next_multiple(step, c.eval_every_steps))
+        if interval:
+          boundaries.append(_next_multiple(step, interval))
         num_steps = min(boundaries) - step
         try:
           loss = float(train_loop(iterator, tf.constant(num_steps, tf.int32)))
@@ -305,10 +397,14 @@ class Trainer:
             tf.summary.scalar("learning_rate", lr)
             tf.summary.scalar("examples_per_second", rate)
           window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
-        if step % c.checkpoint_every_steps == 0:
+        evaluates = self._is_evaluation_step(step)
+        if step % c.checkpoint_every_steps == 0 or (evaluates and c.selects_best):
           self._save(step)
-        if periodic_eval is not None and step % c.eval_every_steps == 0 and \
-            step < self.total_steps and self.is_chief:
+        if evaluates and c.selects_best:
+          if chosen is not None:
+            self._select(periodic_eval, chosen, step)
+          stopped_early = self._agree(chosen is not None and chosen.exhausted)
+        elif evaluates and periodic_eval is not None and step < self.total_steps:
           self._log_eval(periodic_eval, periodic_eval.evaluate(self.model), step)
         if stop.requested:
           self._save(step)
@@ -317,6 +413,13 @@ class Trainer:
           break
     writer.flush()
     train_seconds = time.perf_counter() - train_started  # this invocation's loop, evals included
+    if stopped_early and chosen is not None:
+      best = chosen.best()
+      logging.info("early stopping at step %d: %s did not improve for %d evaluations (best "
+                   "%.4f at step %d)", step, chosen.metric, chosen.evaluations_since_best(),
+                   best[chosen.metric], best["step"])
+    elif stopped_early:
+      logging.info("early stopping at step %d: the chief's decision", step)
     result_metrics, headline = None, ""
     if not interrupted:
       self._save(step)
@@ -327,22 +430,24 @@ class Trainer:
       except OSError:
         pass
     elif not interrupted:
-      final_eval = self._evaluator(0)
-      result_metrics = self._log_eval(final_eval, final_eval.evaluate(
-          self.model, reranked_dir=self.model_dir), step)
-      headline = final_eval.headline(result_metrics)
-      by_split = {} if c.model in config_lib.RANKING_MODELS else \
-          self._every_split(result_metrics, step)
-      write_json_atomic(self.model_dir / METRICS_FILE,
-                        {"model": c.model, "global_step": step,
-                         "train_seconds": round(train_seconds, 1), **result_metrics,
-                         **({"by_split": by_split} if by_split else {})})
+      chosen_step = step
+      if chosen is not None and chosen.best() is not None:
+        best = chosen.best()
+        self._restore_best(selection.read_best(self.checkpoint_dir))
+        chosen_step = best["step"]
+      evaluated, headline = evaluate_every_split(c, self.manifest, self.model,
+                                                 reranked_dir=self.model_dir)
+      self._log_eval(None, evaluated, chosen_step, headline)
+      result_metrics = {"model": c.model, "global_step": chosen_step, "trained_steps": step,
+                        "train_seconds": round(train_seconds, 1), **evaluated,
+                        **({"selection": chosen.summary()} if chosen is not None else {})}
+      write_json_atomic(self.model_dir / METRICS_FILE, result_metrics)
       if c.export and c.model in config_lib.RANKING_MODELS:
-        path = export.export_ranker(self.model, self.manifest, self.model_dir, step)
+        path = export.export_ranker(self.model, self.manifest, self.model_dir, chosen_step)
         logging.info("exported %s", path)
       elif c.export:
-        path = export.export(self.model, c.model, self.manifest, self.model_dir, step)
-        logging.info("exported %s", path)
+        path = export.export(self.model, c.model, self.manifest, self.model_dir, chosen_step)
+        logging.info("exported %s (step %d)", path, chosen_step)
     return RunResult(step, interrupted, result_metrics, headline)
 
   def _raise_peer_failure(self, error: tf.errors.OpError, step: int, num_steps: int):
@@ -355,25 +460,14 @@ class Trainer:
         f"re-run every worker with the same flags to resume from "
         f"{latest or 'the start (no checkpoint yet)'}") from error
 
-  def _every_split(self, eval_split_result: dict, step: int) -> dict:
-    """Metrics of every held-out split at the end (valid to choose on, test to
-    report), so one run gives both without retraining."""
-    by_split = {self.config.eval_split: eval_split_result}
-    for split in self.manifest.eval_splits:
-      if split not in by_split:
-        evaluator = self._evaluator(0, split)
-        by_split[split] = evaluator.evaluate(self.model)
-        logging.info("eval at step %d: %s", step, evaluator.headline(by_split[split]))
-    return by_split
-
   def _save(self, step: int) -> None:
     """Checkpoints `step` unless that step is already the latest checkpoint."""
     latest = self.manager.latest_checkpoint
     if latest is None or not latest.endswith(f"-{step}"):
       self.manager.save(checkpoint_number=step)
 
-  def _log_eval(self, evaluator, result: dict, step: int) -> dict:
-    logging.info("eval at step %d: %s", step, evaluator.headline(result))
+  def _log_eval(self, evaluator, result: dict, step: int, headline: str = "") -> dict:
+    logging.info("eval at step %d: %s", step, headline or evaluator.headline(result))
     if self._eval_writer is None:
       self._eval_writer = tf.summary.create_file_writer(str(self.model_dir / "summaries" / "eval"))
     writer = self._eval_writer
@@ -383,6 +477,66 @@ class Trainer:
           tf.summary.scalar(name, value)
     writer.flush()
     return result
+
+
+def make_evaluator(config: TrainerConfig, manifest, max_users: int = 0,
+                   split: str | None = None):
+  """The evaluator of --eval_split (or `split`, retrieval models only)."""
+  c = config
+  if c.model in config_lib.RANKING_MODELS:
+    # Rows per batch do not change results; large batches amortise the GRU's small ops.
+    return ranking_eval.RankingEvaluator(manifest, c.rank_eval_topk, max_users=max_users,
+                                         seed=c.seed)
+  return evaluation.Evaluator(manifest, split or c.eval_split, c.eval_topk,
+                              c.eval_negatives, c.eval_batch_size, max_users, c.seed)
+
+
+def evaluate_every_split(config: TrainerConfig, manifest, model,
+                         reranked_dir: Path | None = None) -> tuple[dict, str]:
+  """The final evaluation: --eval_split's metrics, and for the retrieval models
+  every held-out split under "by_split" (valid to choose on, test to report),
+  so one run gives both without retraining. Returns (metrics, headline)."""
+  evaluator = make_evaluator(config, manifest)
+  result = evaluator.evaluate(model, reranked_dir=reranked_dir)
+  headline = evaluator.headline(result)
+  if config.model in config_lib.RANKING_MODELS:
+    return result, headline
+  by_split = {config.eval_split: result}
+  for split in manifest.eval_splits:
+    if split not in by_split:
+      other = make_evaluator(config, manifest, split=split)
+      by_split[split] = other.evaluate(model)
+      headline += "; " + other.headline(by_split[split])
+  return {**result, "by_split": by_split}, headline
+
+
+def evaluate_checkpoint(config: TrainerConfig, manifest) -> dict:
+  """--mode=eval: the metrics of one checkpoint, computed as at the end of
+  training (so the best checkpoint reproduces metrics.json), without training
+  and without writing anything."""
+  keras.utils.set_random_seed(config.seed)
+  if config.mixed_precision:
+    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    keras.mixed_precision.set_global_policy("mixed_float16" if has_gpu else "mixed_bfloat16")
+  prefix, step = selection.checkpoint_to_evaluate(Path(config.model_dir) / CHECKPOINT_DIR,
+                                                  config.eval_checkpoint)
+  model = build_model(config, manifest)
+  # A training checkpoint also holds the optimizer, which evaluation does not need.
+  tf.train.Checkpoint(model=model).read(prefix).expect_partial().assert_existing_objects_matched()
+  logging.info("evaluating %s (step %d)", prefix, step)
+  result, headline = evaluate_every_split(config, manifest, model)
+  return {"model": config.model, "global_step": step, "checkpoint": prefix, **result,
+          "headline": headline}
+
+
+def run_evaluation(config: TrainerConfig, manifest) -> str:
+  """--mode=eval's output: writes --eval_metrics_file (only that) or returns the JSON."""
+  metrics = evaluate_checkpoint(config, manifest)
+  headline = metrics.pop("headline")
+  if not config.eval_metrics_file:
+    return json.dumps(metrics, indent=1)
+  write_json_atomic(config.eval_metrics_file, metrics)
+  return f"trainer: step {metrics['global_step']}, {headline} ({config.eval_metrics_file})"
 
 
 def train_scalars(model_dir: str | Path, tag: str) -> dict[int, float]:
