@@ -100,6 +100,16 @@ def test_a_failed_second_evaluation_names_its_log_and_leaves_no_file(tiny_news_d
   assert not (work / "seed_1_also.json").exists() and not (work / "summary.json").exists()
 
 
+def test_preprocess_flag_replaces_the_recipes_data_line(tmp_path):
+  recipe = tmp_path / "r.flags"
+  recipe.write_text("# preprocess: --source=news --input=$DATA/a\n--model=sasrec\n")
+  assert run_recipe.preprocess_flags(recipe, "/d") == ["--source=news", "--input=/d/a"]
+  assert run_recipe.preprocess_flags(recipe, "/d", "--source=sasrec_txt --input=$DATA/y") == \
+      ["--source=sasrec_txt", "--input=/d/y"]
+  with pytest.raises(run_recipe.RecipeError, match="--preprocess: --overwrite is set by"):
+    run_recipe.preprocess_flags(recipe, "/d", "--source=news --overwrite")
+
+
 def test_two_also_evaluate_lines_are_refused_before_any_work(tmp_path):
   recipe = tmp_path / "two.flags"
   recipe.write_text("# preprocess: --source=news\n# also evaluate: --eval_negatives=5\n"

@@ -4,12 +4,16 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from conftest import small_trainer_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import time_to_quality  # noqa: E402
 from trainer import evaluation, export, selection, train_lib
 
 ENV_FLAGS = ["--batch_size=16", "--emb_dim=16", "--num_blocks=1", "--ff_dim=16",
@@ -119,6 +123,12 @@ def test_mode_eval_reproduces_the_final_metrics_and_writes_only_its_file(tiny_wi
                                 eval_every_steps=4, export=False)
   train_lib.Trainer(config, tiny_windows).run()
   trained = json.loads((model_dir / "metrics.json").read_text())
+  # tools/time_to_quality.py reads the same curve back from the summaries.
+  curve, reached = time_to_quality.minutes_to_quality(str(model_dir), "ndcg@10")
+  assert [step for _, step, _ in curve] == [e["step"] for e in trained["selection"]["curve"]]
+  assert [value for _, _, value in curve] == pytest.approx(  # summaries are float32
+      [e["ndcg@10"] for e in trained["selection"]["curve"]], rel=1e-6)
+  assert 0 <= reached[0.9] <= reached[0.95] <= reached[1.0]
   before = sorted(str(p) for p in model_dir.rglob("*"))
   out = tmp_path / "eval.json"
   result = subprocess.run([sys.executable, "-m", "trainer.main", "--mode=eval",
@@ -160,14 +170,14 @@ def test_mode_eval_refuses_a_missing_best_and_another_architecture(tiny_windows,
   assert nothing.returncode == 2 and "has no trained model" in nothing.stderr
 
 
-def checkpoint_count(model_dir):
+def evaluation_count(model_dir):
   curve = model_dir / "checkpoints" / selection.CURVE_FILE
   return len(json.loads(curve.read_text())["curve"]) if curve.is_file() else 0
 
 
 def test_kill_9_mid_patience_then_rerun_equals_the_uninterrupted_run(tiny_windows, tmp_path):
-  args = [*ENV_FLAGS, f"--data_dir={tiny_windows.data_dir}", "--epochs=60",
-          "--early_stopping_patience=3", "--steps_per_loop=1", "--checkpoint_every_steps=7"]
+  args = [*ENV_FLAGS, f"--data_dir={tiny_windows.data_dir}", "--epochs=40",
+          "--early_stopping_patience=2", "--steps_per_loop=1", "--checkpoint_every_steps=7"]
 
   def command(model_dir):
     return [sys.executable, "-m", "trainer.main", *args, f"--model_dir={model_dir}"]
@@ -182,7 +192,7 @@ def test_kill_9_mid_patience_then_rerun_equals_the_uninterrupted_run(tiny_window
   proc = subprocess.Popen(command(tmp_path / "b"), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 240
-  while checkpoint_count(tmp_path / "b") < min(4, evaluations - 1):
+  while evaluation_count(tmp_path / "b") < min(3, evaluations - 1):
     assert proc.poll() is None and time.monotonic() < deadline
     time.sleep(0.02)
   proc.kill()

@@ -15,7 +15,11 @@ every held-out split at the end, so one run gives the validation metrics
 (to choose on) and the test metrics (to report); this prints them per seed
 with their mean and sample standard deviation, and writes WORK/summary.json.
 Flags after `--` go to every trainer run and override the recipe's (for
-ablations: `-- --loss=in_batch`). A seed whose metrics.json exists is not
+ablations: `-- --loss=in_batch`). --preprocess replaces the recipe's data
+line, to run a recipe unchanged on another data set:
+
+  python tools/run_recipe.py --recipe=configs/beauty_sasrec.flags --work_dir=W \
+      --preprocess="--source=sasrec_txt --input=yelp.txt --holdout=valid_test ..." A seed whose metrics.json exists is not
 retrained (delete WORK/seed_S to redo it).
 
 A second evaluation protocol of the same trained models, for example the
@@ -48,6 +52,8 @@ flags.DEFINE_list("seeds", ["1", "2", "3"], "Trainer seeds, one run each.")
 flags.DEFINE_string("work_dir", None, "Data and one model directory per seed go here.")
 flags.DEFINE_string("data_root", str(Path(__file__).resolve().parents[1].parent / "shared" /
                                      "data"), "What $DATA stands for in the recipe.")
+flags.DEFINE_string("preprocess", None, "preprocess flags to use instead of the recipe's "
+                    "`# preprocess:` line (the recipe's trainer flags on other data).")
 flags.DEFINE_list("metrics", ["hit_rate@10", "ndcg@10", "hit_rate@20", "ndcg@20",
                               "hit_rate@50", "ndcg@50"], "Metrics to summarise.")
 flags.mark_flags_as_required(["recipe", "work_dir"])
@@ -66,16 +72,21 @@ def _header_lines(recipe: Path, tag: str) -> list[str]:
   return [line[len(tag):] for line in recipe.read_text().splitlines() if line.startswith(tag)]
 
 
-def preprocess_flags(recipe: Path, data_root: str) -> list[str]:
-  """The `# preprocess:` header line of the recipe, with $DATA substituted."""
+def preprocess_flags(recipe: Path, data_root: str, replacement: str | None = None) -> list[str]:
+  """The `# preprocess:` header line of the recipe (or `replacement`), with
+  $DATA substituted."""
   lines = _header_lines(recipe, PREPROCESS_TAG)
   if len(lines) != 1:
     raise RecipeError(f"{recipe}: needs exactly one '{PREPROCESS_TAG} FLAGS' line, "
                       f"found {len(lines)}")
-  args = shlex.split(lines[0].replace("$DATA", data_root))
+  line = lines[0] if replacement is None else replacement
+  args = shlex.split(line.replace("$DATA", data_root))
+  if not args:
+    raise RecipeError("--preprocess: names no preprocess flags")
   for arg in args:
     if arg.split("=", 1)[0] in ("--output_dir", "--overwrite"):
-      raise RecipeError(f"{recipe}: {arg} is set by run_recipe.py, not by the recipe")
+      raise RecipeError(f"{'--preprocess' if replacement else recipe}: {arg} is set by "
+                        "run_recipe.py, not by the recipe")
   return args
 
 
@@ -195,7 +206,7 @@ def main(argv):
     if not recipe.is_file():
       raise RecipeError(f"--recipe={recipe}: no such file")
     seeds = [int(s) for s in FLAGS.seeds]
-    pre_args = preprocess_flags(recipe, FLAGS.data_root)
+    pre_args = preprocess_flags(recipe, FLAGS.data_root, FLAGS.preprocess)
     also_args = also_evaluate_flags(recipe)
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"

@@ -51,6 +51,7 @@ CHECKPOINT_DIR = config_lib.CHECKPOINT_DIR
 WORKER_TMP_DIR = "worker_tmp"  # non-chief workers' checkpoints, removed at the end
 METRICS_FILE = "metrics.json"
 TRAIN_SUMMARIES = Path("summaries") / "train"  # under model_dir: loss, learning_rate, examples/s
+EVAL_SUMMARIES = Path("summaries") / "eval"  # every evaluation's metrics
 NO_WEIGHT_DECAY = ("bias", "gamma", "beta")  # variable names --weight_decay leaves alone
 
 
@@ -469,7 +470,7 @@ class Trainer:
   def _log_eval(self, evaluator, result: dict, step: int, headline: str = "") -> dict:
     logging.info("eval at step %d: %s", step, headline or evaluator.headline(result))
     if self._eval_writer is None:
-      self._eval_writer = tf.summary.create_file_writer(str(self.model_dir / "summaries" / "eval"))
+      self._eval_writer = tf.summary.create_file_writer(str(self.model_dir / EVAL_SUMMARIES))
     writer = self._eval_writer
     with writer.as_default(step=step):
       for name, value in result.items():
@@ -539,15 +540,23 @@ def run_evaluation(config: TrainerConfig, manifest) -> str:
   return f"trainer: step {metrics['global_step']}, {headline} ({config.eval_metrics_file})"
 
 
-def train_scalars(model_dir: str | Path, tag: str) -> dict[int, float]:
-  """{step: value} of one scalar the chief wrote to the train summaries."""
+def summary_scalars(model_dir: str | Path, tag: str,
+                    summaries: Path = TRAIN_SUMMARIES) -> dict[int, tuple[float, float]]:
+  """{step: (wall time, value)} of one scalar the chief wrote to `summaries`
+  (train, or EVAL_SUMMARIES) under model_dir; the first event of a step (the
+  final evaluation repeats the chosen step's)."""
   values = {}
-  for path in sorted((Path(model_dir) / TRAIN_SUMMARIES).glob("events*")):
+  for path in sorted((Path(model_dir) / summaries).glob("events*")):
     for event in tf.compat.v1.train.summary_iterator(str(path)):
       for value in event.summary.value:
         if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
+          values.setdefault(event.step, (event.wall_time, float(tf.make_ndarray(value.tensor))))
   return values
+
+
+def train_scalars(model_dir: str | Path, tag: str) -> dict[int, float]:
+  """{step: value} of one scalar the chief wrote to the train summaries."""
+  return {step: value for step, (_, value) in summary_scalars(model_dir, tag).items()}
 
 
 def _next_multiple(step: int, every: int) -> int:
