@@ -156,13 +156,14 @@ def test_model_defaults_resolve_per_model_and_yield_to_flags():
     return json.loads(result.stdout)
 
   dien, sasrec = parsed("--model=dien"), parsed("--dropout=0.3", "--learning_rate=5e-4")
-  # The ranker keeps its measured settings; sasrec gets the issue-6 winners
+  # The ranker keeps its measured settings; sasrec gets the sparse recipe's
   # except where a flag says otherwise.
-  assert (dien["dropout"], dien["learning_rate"], dien["lr_schedule"], dien["weight_decay"]) == \
-      (0.2, 1e-3, "constant", 0.0)
+  assert (dien["dropout"], dien["learning_rate"], dien["lr_schedule"], dien["weight_decay"],
+          dien["epochs"]) == (0.2, 1e-3, "constant", 0.0, 20)
   assert (sasrec["model"], sasrec["loss"], sasrec["dropout"], sasrec["learning_rate"],
-          sasrec["lr_schedule"], sasrec["temperature"], sasrec["weight_decay"]) == \
-      ("sasrec", "auto", 0.3, 5e-4, "cosine", 0.1, 1.0)
+          sasrec["lr_schedule"], sasrec["temperature"], sasrec["weight_decay"],
+          sasrec["epochs"], sasrec["num_blocks"], sasrec["num_heads"]) == \
+      ("sasrec", "auto", 0.3, 5e-4, "constant", 0.05, 1.0, 200, 1, 1)
   assert parsed("--weight_decay=0")["weight_decay"] == 0.0
   # Selection is on for the retrieval models, off for the ranker (no valid split).
   assert (sasrec["early_stopping_metric"], sasrec["eval_every_epochs"],

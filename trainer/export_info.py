@@ -28,7 +28,7 @@ class ExportInfo:
   num_users: int
   data_dir: str
   data_fingerprint: str  # SHA-256 of the data's vocab/items.parquet
-  global_step: int
+  global_step: int  # the step exported: the best evaluation when the run selected one
   user_tower: str = USER_TOWER
   item_embeddings: str = ITEM_EMBEDDINGS
 

@@ -45,8 +45,8 @@ flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES, "tf.distribute
 flags.DEFINE_integer("num_cpu_replicas", _D.num_cpu_replicas,
                      "mirrored: split the CPU into N logical devices (testing without GPUs).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size over all replicas.")
-flags.DEFINE_integer("epochs", _D.epochs, "Epochs over the training split (with early "
-                     "stopping: the most it may train).")
+flags.DEFINE_integer("epochs", None, "Epochs over the training split (with early stopping: "
+                     f"the most it may train; {_by_model('epochs')}).")
 flags.DEFINE_integer("train_steps", _D.train_steps, "If > 0: total steps (overrides --epochs).")
 flags.DEFINE_float("learning_rate", None,
                    f"Peak Adam learning rate ({_by_model('learning_rate')}).")
@@ -60,10 +60,11 @@ flags.DEFINE_float("weight_decay", None,
                    f"({_by_model('weight_decay')}).")
 flags.DEFINE_integer("seed", _D.seed, "Seed of initialisation, dropout and data order.")
 flags.DEFINE_integer("shuffle_buffer", _D.shuffle_buffer, "Example shuffle buffer.")
-flags.DEFINE_integer("emb_dim", _D.emb_dim, "Embedding and output vector size.")
+flags.DEFINE_integer("emb_dim", None,
+                     f"Embedding and output vector size ({_by_model('emb_dim')}).")
 flags.DEFINE_integer("num_heads", _D.num_heads, "sasrec: attention heads.")
 flags.DEFINE_integer("num_blocks", _D.num_blocks, "sasrec: transformer blocks.")
-flags.DEFINE_integer("ff_dim", _D.ff_dim, "sasrec: feed-forward width.")
+flags.DEFINE_integer("ff_dim", None, f"sasrec: feed-forward width ({_by_model('ff_dim')}).")
 flags.DEFINE_float("dropout", None, f"Dropout rate ({_by_model('dropout')}).")
 flags.DEFINE_float("temperature", None,
                    f"Softmax temperature on cosine scores ({_by_model('temperature')}).")

@@ -329,6 +329,18 @@ class Trainer:
     value = 1.0 if self.is_chief and chief_decision else 0.0
     return float(self._broadcast(tf.constant(value, tf.float32))) > 0.5
 
+  def _periodic_evaluation(self, step: int, evaluator, chosen: selection.Selection | None) -> bool:
+    """The evaluation after `step`; True when selection says stop here. Every
+    worker calls it (the stop decision is a collective); only the chief,
+    which has the evaluator, evaluates."""
+    if self.config.selects_best:
+      if chosen is not None:
+        self._select(evaluator, chosen, step)
+      return self._agree(chosen is not None and chosen.exhausted)
+    if evaluator is not None and step < self.total_steps:  # the end evaluates anyway
+      self._log_eval(evaluator, evaluator.evaluate(self.model), step)
+    return False
+
   def run(self) -> RunResult:
     c = self.config
     step = self.restore()
@@ -351,8 +363,10 @@ class Trainer:
     chosen = self._load_selection(step) if c.selects_best and self.is_chief else None
     stopped_early = False
     if c.selects_best:
-      if chosen is not None and self._is_evaluation_step(step) and not chosen.has(step):
-        # Killed after the evaluation step's checkpoint, before its evaluation.
+      # A run killed after an evaluation step's checkpoint, before its
+      # evaluation, evaluates it now; a finished selection trains no further.
+      pending = chosen is not None and self._is_evaluation_step(step) and not chosen.has(step)
+      if pending:
         self._select(periodic_eval, chosen, step)
       stopped_early = self._agree(chosen is not None and chosen.exhausted)
     logging.info("training %s: %d steps (%d per epoch), global batch %d on %d replicas%s",
@@ -400,13 +414,9 @@ class Trainer:
           window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
         evaluates = self._is_evaluation_step(step)
         if step % c.checkpoint_every_steps == 0 or (evaluates and c.selects_best):
-          self._save(step)
-        if evaluates and c.selects_best:
-          if chosen is not None:
-            self._select(periodic_eval, chosen, step)
-          stopped_early = self._agree(chosen is not None and chosen.exhausted)
-        elif evaluates and periodic_eval is not None and step < self.total_steps:
-          self._log_eval(periodic_eval, periodic_eval.evaluate(self.model), step)
+          self._save(step)  # before a selection evaluation: see trainer/selection.py
+        if evaluates:
+          stopped_early = self._periodic_evaluation(step, periodic_eval, chosen)
         if stop.requested:
           self._save(step)
           logging.info("SIGTERM: saved a checkpoint at step %d; re-run to resume", step)
