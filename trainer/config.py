@@ -41,11 +41,10 @@ MAX_LOGITS = 2**27
 # BUILD_NOTES.md, "Model selection on sparse logs"): with early stopping a
 # constant rate of 1e-3 and dropout 0.2 win, temperature 0.05 converges
 # sooner than 0.1, weight decay 1.0 beat 0 and 3.0, and 128 dimensions beat
-# 64 and 256. Dense logs with long
-# histories (ML-1M) train longer with cosine decay and no dropout: their
-# recipe sets that. The catalogue softmax when it fits. two_tower keeps
-# what it was measured with; the ranker its ablation's settings (it has no
-# temperature).
+# 64 and 256. Dense logs with long histories (ML-1M) train longer with cosine
+# decay and no dropout: their recipe sets that. The catalogue softmax when it
+# fits. two_tower keeps what it was measured with; the ranker its ablation's
+# settings (it has no temperature).
 MODEL_DEFAULTS = {
     "sasrec": {"loss": "auto", "dropout": 0.2, "learning_rate": 1e-3, "lr_schedule": "constant",
                "temperature": 0.05, "weight_decay": 1.0, "epochs": 200, "emb_dim": 128,
