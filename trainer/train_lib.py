@@ -557,7 +557,8 @@ def summary_scalars(model_dir: str | Path, tag: str,
   final evaluation repeats the chosen step's)."""
   values = {}
   for path in sorted((Path(model_dir) / summaries).glob("events*")):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
+    for record in tf.data.TFRecordDataset(str(path)):
+      event = tf.compat.v1.Event.FromString(record.numpy())
       for value in event.summary.value:
         if value.tag == tag:
           values.setdefault(event.step, (event.wall_time, float(tf.make_ndarray(value.tensor))))
