@@ -123,7 +123,7 @@ def test_two_workers_train_like_one_process_and_only_the_chief_writes(tiny_windo
   np.testing.assert_allclose(first_step_loss(model_dir), expected, rtol=2e-5)
   # Only the chief's files exist; the other worker's temporary checkpoints are gone.
   assert sorted(p.name for p in model_dir.iterdir()) == sorted(
-      ["checkpoints", "metrics.json", "summaries", "trainer_config.json"] +
+      [".lock", "checkpoints", "metrics.json", "summaries", "trainer_config.json"] +
       (["export"] if loss == "in_batch" else []))
   assert "trainer: step 3" in logs[0] and "trainer: step" not in logs[1]
   # The chief's checkpoint loads into a fresh single-process model.

@@ -1,4 +1,4 @@
-"""The trainer binary: flag errors, SIGTERM, kill -9 and resume."""
+"""The trainer binary: flag errors, the model_dir lock, SIGTERM, kill -9 and resume."""
 
 import json
 import os
@@ -98,6 +98,12 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_resumes(tiny_windows, 
           "--checkpoint_every_steps=1000", "--train_steps=100000", "--noexport"]
   proc = start(args)
   wait_for(lambda: (model_dir / "summaries").exists())
+  # The same command again while the first runs: refused at once, nothing touched.
+  busy = trainer(*args)
+  assert busy.returncode == 1, busy.stderr[-2000:]
+  assert busy.stderr.strip().startswith(
+      f"trainer: error: --model_dir: {model_dir} is in use by another trainer (pid {proc.pid} on "
+  ), busy.stderr
   time.sleep(2)  # a few steps in
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)

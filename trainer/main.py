@@ -15,13 +15,15 @@ MODEL/trainer_config.json. Outputs: MODEL/checkpoints, MODEL/summaries
 (TensorBoard), MODEL/metrics.json, MODEL/export (trainer/export.py).
 """
 
+import contextlib
 import functools
 import os
 
 from absl import app, flags, logging
 
-from preprocess import cli
+from preprocess import cli, locks
 from preprocess.errors import DataError
+from trainer import cluster
 from trainer import config as config_lib
 
 FLAGS = flags.FLAGS
@@ -170,8 +172,8 @@ def main(argv):
   except config_lib.ConfigError as e:
     fail(str(e), 2)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from trainer import train_lib  # imports TensorFlow: only after the flags are known good
   if config.mode == "eval":
+    from trainer import train_lib  # imports TensorFlow: only after the flags are known good
     try:
       evaluated = train_lib.run_evaluation(config, manifest)
     except (config_lib.ConfigError, DataError) as e:
@@ -179,11 +181,17 @@ def main(argv):
     print(evaluated)
     return
   try:
-    result = train_lib.train(config, manifest)
+    with _model_dir_lock(config):  # before TensorFlow starts: a busy model_dir fails at once
+      manifest = config_lib.validate(config)  # again: now no other trainer can change model_dir
+      from trainer import train_lib
+      try:
+        result = train_lib.train(config, manifest)
+      except train_lib.TrainingError as e:
+        fail(str(e), 1)
+  except locks.DirectoryLocked as e:
+    fail(f"--model_dir: {e}", 1)
   except (config_lib.ConfigError, DataError) as e:
     fail(str(e), 2 if isinstance(e, config_lib.ConfigError) else 1)
-  except train_lib.TrainingError as e:
-    fail(str(e), 1)
   if result.interrupted:
     print(f"trainer: stopped by SIGTERM at step {result.global_step}; checkpoint saved")
   elif result.metrics is not None:
@@ -191,6 +199,15 @@ def main(argv):
         f" (best: step {result.metrics['global_step']})"
     print(f"trainer: step {result.global_step}{chosen}, {result.headline} "
           f"({config.model_dir}/metrics.json)")
+
+
+def _model_dir_lock(config: config_lib.TrainerConfig):
+  """The model_dir's lock for the run, taken by the process that writes it: the
+  only one, or the chief of a multi-worker job (the other workers write into
+  their own worker_tmp/ and share the chief's job, not a lock of their own)."""
+  if config.strategy == "multi_worker" and not cluster.from_environment().is_chief:
+    return contextlib.nullcontext()
+  return locks.exclusive(config.model_dir, "trainer")
 
 
 def run():
