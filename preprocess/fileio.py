@@ -41,21 +41,46 @@ def _sigterm_as_exit() -> Iterator[None]:
     signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def atomic_directory(final_dir: Path | str, overwrite: bool = False) -> Iterator[Path]:
-  """Yields a temporary directory that replaces `final_dir` on success.
-
-  Refuses an existing non-empty `final_dir` unless `overwrite`; an empty one
-  is replaced. On any exception the temporary directory is deleted and
-  `final_dir` is left exactly as it was.
-  """
+def check_replaceable(final_dir: Path | str, overwrite: bool, own_file: str | None = None,
+                      inputs: tuple[Path | str, ...] = (), job: str = "preprocess") -> None:
+  """Refuses (DataError) to replace `final_dir` when it is a file, holds one of
+  the job's `inputs`, or is not empty and either `overwrite` is off or it is
+  not this job's output (no `own_file` in it; None: any directory is)."""
   final_dir = Path(final_dir).absolute()
   if final_dir.exists() and not final_dir.is_dir():
     raise DataError(f"{final_dir}: exists and is not a directory")
-  if is_nonempty_dir(final_dir) and not overwrite:
-    raise DataError(
-        f"{final_dir}: output directory exists and is not empty "
-        "(pass --overwrite to replace it)")
+  resolved = final_dir.resolve()
+  for path in inputs:
+    path = Path(path).resolve()
+    if path == resolved or resolved in path.parents:
+      raise DataError(f"{final_dir}: holds the input {path}, which replacing it would delete; "
+                      "choose an output directory outside the inputs")
+  if not is_nonempty_dir(final_dir):
+    return
+  if not overwrite:
+    raise DataError(f"{final_dir}: output directory exists and is not empty "
+                    "(pass --overwrite to replace it)")
+  if own_file and not (final_dir / own_file).is_file():
+    names = sorted(p.name for p in final_dir.iterdir())
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise DataError(f"{final_dir}: --overwrite refused: it is not a {job} output (no {own_file}) "
+                    f"and holds {shown}; remove it yourself or choose another output directory")
+
+
+@contextlib.contextmanager
+def atomic_directory(final_dir: Path | str, overwrite: bool = False, own_file: str | None = None,
+                     inputs: tuple[Path | str, ...] = (), job: str = "preprocess"
+                     ) -> Iterator[Path]:
+  """Yields a temporary directory that replaces `final_dir` on success.
+
+  `check_replaceable` first: an existing non-empty `final_dir` is replaced only
+  with `overwrite` and, when `own_file` is given, only if it holds that file
+  (it is this job's output); never when it holds one of `inputs`. On any
+  exception the temporary directory is deleted and `final_dir` is left
+  exactly as it was.
+  """
+  final_dir = Path(final_dir).absolute()
+  check_replaceable(final_dir, overwrite, own_file, inputs, job)
   final_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
   try:

@@ -35,7 +35,7 @@ from preprocess import manifest as mf
 from preprocess import readers
 from preprocess import sequences as sq
 from preprocess.errors import DataError
-from preprocess.fileio import atomic_directory, is_nonempty_dir
+from preprocess.fileio import atomic_directory, check_replaceable
 from preprocess.tfrecord_writer import TFRecordFileWriter
 
 
@@ -381,9 +381,9 @@ def run(config: PreprocessConfig) -> mf.Manifest:
   """Runs the whole job; returns the manifest of the finished output directory."""
   config.validate()
   output_dir = Path(config.output_dir)
-  if is_nonempty_dir(output_dir) and not config.overwrite:
-    raise DataError(f"{output_dir.absolute()}: output directory exists and is not empty "
-                    "(pass --overwrite to replace it)")
+  inputs = tuple(p for p in (config.input, config.movies) if p)
+  replaceable = dict(overwrite=config.overwrite, own_file=mf.MANIFEST_FILE, inputs=inputs)
+  check_replaceable(output_dir, **replaceable)  # before reading the input
   started = time.perf_counter()
   log = readers.read_source(config.source, config.input, config.csv, config.movies or None)
   logging.info("read %d rows from %s in %.1fs", len(log.user_id), ", ".join(log.inputs),
@@ -426,7 +426,7 @@ def run(config: PreprocessConfig) -> mf.Manifest:
       users_without_train_examples=int((examples_per_user == 0).sum()),
   )
 
-  with atomic_directory(output_dir, overwrite=config.overwrite) as tmp:
+  with atomic_directory(output_dir, **replaceable) as tmp:
     (tmp / "vocab").mkdir()
     pq.write_table(vocab.items.append_column("target_count", pa.array(target_count)),
                    tmp / mf.ITEMS_FILE)

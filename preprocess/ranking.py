@@ -55,7 +55,7 @@ from preprocess import histories
 from preprocess import manifest as mf
 from preprocess import sequences as sq
 from preprocess.errors import ConfigError, DataError
-from preprocess.fileio import atomic_directory, is_nonempty_dir, sha256_file
+from preprocess.fileio import atomic_directory, check_replaceable, sha256_file
 from preprocess.tfrecord_writer import TFRecordFileWriter
 from preprocess.vocab import Vocabulary
 from trainer.export_info import EXPORT_DIR, data_fingerprint, load_info
@@ -399,9 +399,9 @@ def run(config: RankingConfig) -> mf.RankingManifest:
   config.validate()
   started = time.perf_counter()
   output_dir = Path(config.output_dir)
-  if is_nonempty_dir(output_dir) and not config.overwrite:
-    raise DataError(f"{output_dir.absolute()}: output directory exists and is not empty "
-                    "(pass --overwrite to replace it)")
+  inputs = tuple(p for p in (config.data_dir, *config.candidates, config.item_embeddings) if p)
+  replaceable = dict(overwrite=config.overwrite, own_file=mf.MANIFEST_FILE, inputs=inputs)
+  check_replaceable(output_dir, **replaceable)
   manifest = mf.load(config.data_dir)
   item_vocab = Vocabulary.from_parquet(manifest.path(mf.ITEMS_FILE), "item_id")
   user_vocab = Vocabulary.from_parquet(manifest.path(mf.USERS_FILE), "user_id")
@@ -460,7 +460,7 @@ def run(config: RankingConfig) -> mf.RankingManifest:
   mean, var = model_input.mean(axis=0), model_input.var(axis=0)
 
   category = items.category.astype(np.int64)
-  with atomic_directory(output_dir, overwrite=config.overwrite) as tmp:
+  with atomic_directory(output_dir, **replaceable) as tmp:
     (tmp / "vocab").mkdir()
     for relative in (mf.ITEMS_FILE, mf.USERS_FILE):
       shutil.copyfile(manifest.path(relative), tmp / relative)

@@ -23,8 +23,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from preprocess.fileio import atomic_directory
+from preprocess.fileio import atomic_directory, write_json_atomic
 from preprocess.readers import NEWS_ARTICLES, NEWS_CLICKS
+
+# Written beside the two CSVs: it marks the directory as this generator's, so
+# --overwrite never replaces a real news log that has the same file names.
+SYNTHETIC_FILE = "synthetic.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +225,9 @@ def _context_columns(rng: np.random.Generator, n_users: int) -> dict[str, np.nda
 def write(config: SyntheticConfig, output_dir: Path | str, overwrite: bool = False) -> Path:
   """Writes train_click_log.csv and articles.csv into `output_dir`, atomically."""
   log, articles = generate(config)
-  with atomic_directory(output_dir, overwrite=overwrite) as tmp:
+  with atomic_directory(output_dir, overwrite=overwrite, own_file=SYNTHETIC_FILE,
+                        job="synthetic data") as tmp:
     log.to_csv(tmp / NEWS_CLICKS, index=False)
     articles.to_csv(tmp / NEWS_ARTICLES, index=False)
+    write_json_atomic(tmp / SYNTHETIC_FILE, dataclasses.asdict(config))
   return Path(output_dir)

@@ -2,6 +2,7 @@
 
 import collections
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -214,17 +215,35 @@ def test_min_clicks_filters(tmp_path):
   assert (c["clicks"], c["users"], c["items"]) == (3, 1, 2)
 
 
-def test_refuses_nonempty_output_dir_and_overwrites_on_request(tiny_news_dir, tmp_path):
+def test_overwrite_replaces_only_its_own_output(tiny_news_dir, tmp_path):
   out = tmp_path / "out"
   out.mkdir()
   (out / "keep.txt").write_text("x")
   with pytest.raises(DataError, match="not empty.*--overwrite"):
     pipeline.run(make_config(tiny_news_dir, out))
-  assert (out / "keep.txt").exists()
-  pipeline.run(make_config(tiny_news_dir, out, overwrite=True))
-  assert not (out / "keep.txt").exists()
-  assert (out / mf.MANIFEST_FILE).exists()
+  with pytest.raises(DataError, match=f"^{out}: --overwrite refused: it is not a preprocess "
+                                      r"output \(no manifest.json\) and holds keep.txt;"):
+    pipeline.run(make_config(tiny_news_dir, out, overwrite=True))
+  assert (out / "keep.txt").read_text() == "x"
+  (out / "keep.txt").unlink()
+  pipeline.run(make_config(tiny_news_dir, out))  # an empty directory is taken
+  first = json.loads((out / mf.MANIFEST_FILE).read_text())
+  pipeline.run(make_config(tiny_news_dir, out, overwrite=True))  # its own output is replaced
+  second = json.loads((out / mf.MANIFEST_FILE).read_text())
+  assert (first["flags"]["overwrite"], second["flags"]["overwrite"]) == (False, True)
+  assert second["counts"] == first["counts"]
   assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporaries left
+
+
+def test_an_output_dir_holding_the_input_is_refused(tiny_news_dir, tmp_path):
+  out = tmp_path / "out"
+  pipeline.run(make_config(tiny_news_dir, out))
+  raw = out / "raw"
+  shutil.copytree(tiny_news_dir, raw)
+  # Its own output, --overwrite given: still refused, because it holds the input.
+  with pytest.raises(DataError, match=f"^{out}: holds the input {raw}, which replacing it"):
+    pipeline.run(make_config(raw, out, overwrite=True))
+  assert sorted(p.name for p in raw.iterdir()) == sorted(p.name for p in tiny_news_dir.iterdir())
 
 
 @pytest.mark.parametrize("existing", [False, True])

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 from conftest import make_config
 from preprocess import pipeline, synthetic
+from preprocess.errors import DataError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import baselines  # noqa: E402
@@ -71,3 +73,19 @@ def test_no_sequential_signal_in_independent_clicks(tmp_path):
 def test_invalid_config_is_refused():
   with pytest.raises(ValueError, match="follow_prob"):
     synthetic.generate(dataclasses.replace(TINY, follow_prob=0.9, switch_prob=0.2))
+
+
+def test_overwrite_replaces_its_own_output_but_not_a_real_log_with_the_same_names(tmp_path):
+  real = tmp_path / "real"
+  real.mkdir()
+  for name in ("train_click_log.csv", "articles.csv"):
+    (real / name).write_text("a real log\n")
+  with pytest.raises(DataError, match=f"^{real}: --overwrite refused: it is not a synthetic "
+                                      r"data output \(no synthetic.json\)"):
+    synthetic.write(TINY, real, overwrite=True)
+  assert (real / "articles.csv").read_text() == "a real log\n"
+  own = synthetic.write(TINY, tmp_path / "own")
+  before = (own / "articles.csv").read_bytes()
+  synthetic.write(TINY, own, overwrite=True)
+  assert (own / "articles.csv").read_bytes() == before
+  assert json.loads((own / synthetic.SYNTHETIC_FILE).read_text())["seed"] == TINY.seed
