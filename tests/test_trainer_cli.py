@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,19 @@ def test_inconsistent_flags_fail_with_one_line(tiny_data, tiny_news_dir, tmp_pat
   assert result.returncode == 2, result.stderr
   assert result.stderr.strip().startswith(f"trainer: error: {message}")
   assert len(result.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "m").exists()
+
+
+def test_a_shard_shorter_than_its_manifest_fails_before_any_step(tiny_windows, tmp_path):
+  data_dir = tmp_path / "d"
+  shutil.copytree(tiny_windows.data_dir, data_dir)
+  shard = data_dir / tiny_windows.split("valid").shards[0].path
+  shard.write_bytes(shard.read_bytes()[:-7])  # cut short, as a copy killed mid-way leaves it
+  result = trainer(f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'm'}", *SMALL)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert result.stderr.strip() == (
+      f"trainer: error: {shard}: shard is {shard.stat().st_size} bytes, manifest says "
+      f"{shard.stat().st_size + 7} (damaged?)")
   assert not (tmp_path / "m").exists()
 
 

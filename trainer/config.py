@@ -279,11 +279,13 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
     except DataError as e:
       bad(f"--data_dir: {e}")
     _check_saved_config(config)
+    _check_shard_sizes(manifest)
     return manifest
   try:
     manifest = mf.load(config.data_dir)
   except DataError as e:
     bad(f"--data_dir: {e}")
+  _check_shard_sizes(manifest)
   if config.selects_best and SELECTION_SPLIT not in manifest.eval_splits:
     bad(f"--early_stopping_metric={config.early_stopping_metric}: {config.data_dir} has no "
         f"{SELECTION_SPLIT!r} split to select on")
@@ -340,6 +342,15 @@ def _check_selection(config: TrainerConfig) -> None:
                       f"{config.early_stopping_patience}) needs periodic evaluation: set "
                       "--eval_every_epochs or --eval_every_steps, or turn selection off with "
                       "--early_stopping_metric=''")
+
+
+def _check_shard_sizes(manifest: mf.Manifest | mf.RankingManifest) -> None:
+  """Every shard's size against the manifest before the first step: one stat
+  each. A shard cut on a record boundary reads without error, so waiting for
+  a read error is not enough. SHA-256 stays for read errors (it reads every
+  byte: seconds per gigabyte)."""
+  for split in manifest.splits:
+    manifest.verify_shards(split)  # DataError naming the shard
 
 
 def loss_positions_per_step(config: TrainerConfig, manifest: mf.Manifest) -> int:

@@ -169,8 +169,8 @@ def main(argv):
       present = {f for f in config_lib.TrainerConfig.__dataclass_fields__ if FLAGS[f].present}
       config = config_lib.for_evaluation(config, present)
     manifest = config_lib.validate(config)
-  except config_lib.ConfigError as e:
-    fail(str(e), 2)
+  except (config_lib.ConfigError, DataError) as e:
+    fail(str(e), 2 if isinstance(e, config_lib.ConfigError) else 1)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if config.mode == "eval":
     from trainer import train_lib  # imports TensorFlow: only after the flags are known good
