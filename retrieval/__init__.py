@@ -1,4 +1,4 @@
-"""The `retrieval` job (issue 4).
+"""The `retrieval` job.
 
 It imports `trainer` first so TensorFlow starts with trainer's CPU allocator
 setting (see trainer/__init__.py).

@@ -53,7 +53,7 @@ NOTEBOOK_TWO_TOWER = dict(model="two_tower", batch_size=1024, emb_dim=32, tower_
 
 def cases():
   w, p = FLAGS.windows_dir, FLAGS.positions_dir
-  # Explicit dropout and loss: the figures predate the model defaults of issue 6.
+  # Explicit dropout and loss: the figures predate the per-model defaults.
   sas_win = dict(model="sasrec", batch_size=128, num_negatives=FLAGS.num_negatives,
                  dropout=0.2, loss="in_batch")
   recipe = {}

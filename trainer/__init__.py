@@ -1,4 +1,4 @@
-"""The `trainer` job (issue 3).
+"""The `trainer` job.
 
 Importing the package, before TensorFlow loads, turns on TensorFlow's BFC
 allocator for CPU memory unless TF_CPU_ALLOCATOR_USE_BFC is already set.

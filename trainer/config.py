@@ -361,7 +361,7 @@ def loss_positions_per_step(config: TrainerConfig, manifest: mf.Manifest) -> int
 def resolved_loss(config: TrainerConfig, manifest: mf.Manifest) -> str:
   """--loss, with auto resolved: the exact catalogue softmax when its (loss
   positions x items) logits fit MAX_LOGITS and no in-batch-only option is set,
-  else in-batch negatives (BUILD_NOTES.md, issue 6 ablation)."""
+  else in-batch negatives (BUILD_NOTES.md, the loss ablation on ML-1M)."""
   if config.loss != "auto":
     return config.loss  # softmax, in_batch or sampled_softmax
   if config.symmetric_loss or config.num_negatives:
