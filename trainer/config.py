@@ -278,7 +278,7 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
       manifest = mf.load_ranking(config.data_dir)
     except DataError as e:
       bad(f"--data_dir: {e}")
-    _check_saved_config(config)
+    check_saved_config(config)
     _check_shard_sizes(manifest)
     return manifest
   try:
@@ -319,7 +319,7 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
   if max(config.eval_topk) > manifest.vocab_sizes["items"] - 1:
     bad(f"--eval_topk={max(config.eval_topk)} exceeds the {manifest.vocab_sizes['items'] - 1} "
         "items")
-  _check_saved_config(config)
+  check_saved_config(config)
   return manifest
 
 
@@ -370,7 +370,9 @@ def resolved_loss(config: TrainerConfig, manifest: mf.Manifest) -> str:
   return "softmax" if fits else "in_batch"
 
 
-def _check_saved_config(config: TrainerConfig) -> None:
+def check_saved_config(config: TrainerConfig) -> None:
+  """The flags against the trainer_config.json of the checkpoints already in
+  model_dir, if any: the architecture and the data must be the same."""
   path = Path(config.model_dir) / CONFIG_FILE
   if not path.is_file():
     return

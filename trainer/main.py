@@ -182,7 +182,7 @@ def main(argv):
     return
   try:
     with _model_dir_lock(config):  # before TensorFlow starts: a busy model_dir fails at once
-      manifest = config_lib.validate(config)  # again: now no other trainer can change model_dir
+      config_lib.check_saved_config(config)  # again: now no other trainer can change model_dir
       from trainer import train_lib
       try:
         result = train_lib.train(config, manifest)
