@@ -2,19 +2,23 @@
 
 Directories are built in a hidden temporary sibling (same filesystem, so the
 final `os.rename` is atomic) and files are written to a temporary name and
-renamed. A failure, Ctrl-C or SIGTERM removes the temporary sibling.
+renamed. A failure, Ctrl-C or SIGTERM removes the temporary sibling; what a
+kill -9 leaves (`.NAME.tmp-*`, `.NAME.old-*`) the next run of the job on the
+same output removes, under `locked_output`'s lock.
 """
 
 import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from preprocess import locks
 from preprocess.errors import DataError
 
 
@@ -65,6 +69,51 @@ def check_replaceable(final_dir: Path | str, overwrite: bool, own_file: str | No
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     raise DataError(f"{final_dir}: --overwrite refused: it is not a {job} output (no {own_file}) "
                     f"and holds {shown}; remove it yourself or choose another output directory")
+
+
+def output_lock_path(final_dir: Path | str) -> Path:
+  """The lock of a directory replaced by rename: a hidden sibling, `.NAME.lock`."""
+  final_dir = Path(final_dir).absolute()
+  return final_dir.parent / f".{final_dir.name}.lock"
+
+
+@contextlib.contextmanager
+def locked_output(final_dir: Path | str, job: str) -> Iterator[None]:
+  """Holds the output's sibling lock for the block: a second job writing the
+  same output is refused (locks.DirectoryLocked) instead of racing it to the
+  rename. Under the lock, the temporaries of killed runs are removed; the
+  parent folder is created, so an unwritable location fails here, before any
+  input is read."""
+  final_dir = Path(final_dir).absolute()
+  with locks.exclusive_file(output_lock_path(final_dir), job, final_dir, remove=True):
+    for pattern in (f".{final_dir.name}.tmp-*", f".{final_dir.name}.old-*"):
+      for stale in final_dir.parent.glob(pattern):
+        if stale.is_dir() and not stale.is_symlink():
+          shutil.rmtree(stale, ignore_errors=True)
+        else:
+          stale.unlink(missing_ok=True)
+    yield
+
+
+@contextlib.contextmanager
+def output_errors(final_dir: Path | str) -> Iterator[None]:
+  """Turns an OSError raised while the output is written (a full disk, a
+  read-only or vanished filesystem) into a one-line DataError naming the
+  output. Put it outside `atomic_directory`, whose cleanup runs first."""
+  try:
+    yield
+  except OSError as e:
+    raise DataError(f"{Path(final_dir).absolute()}: cannot write the output "
+                    f"({os_error_reason(e)}); nothing was written and any previous output is "
+                    "unchanged") from None
+
+
+def os_error_reason(e: OSError) -> str:
+  """The system's words for an OSError (pyarrow's carry the errno only in the text)."""
+  if e.strerror:
+    return e.strerror
+  found = re.search(r"\[errno (\d+)\]", str(e))
+  return os.strerror(int(found.group(1))) if found else str(e)
 
 
 @contextlib.contextmanager

@@ -17,9 +17,9 @@ arrays plus one chunk of examples at a time while writing):
    renamed into place only when complete.
 """
 
-import contextlib
 import dataclasses
 import multiprocessing
+import multiprocessing.connection
 import os
 import time
 from pathlib import Path
@@ -35,7 +35,7 @@ from preprocess import manifest as mf
 from preprocess import readers
 from preprocess import sequences as sq
 from preprocess.errors import DataError
-from preprocess.fileio import atomic_directory, check_replaceable
+from preprocess.fileio import atomic_directory, check_replaceable, locked_output, output_errors
 from preprocess.tfrecord_writer import TFRecordFileWriter
 
 
@@ -350,31 +350,80 @@ def _write_splits(out_dir: Path, targets: dict[str, np.ndarray], seqs: sq.Sequen
   _SHARD_CONTEXT.update(out_dir=out_dir, seqs=seqs, item_category=item_category, config=config)
   workers = min(config.resolved_num_workers(), len(jobs))
   total = sum(len(t) for t in targets.values())
-  shards: dict[str, list[mf.ShardInfo]] = {split: [] for split in targets}
+  infos: list[mf.ShardInfo | None] = [None] * len(jobs)
   start, written = time.perf_counter(), 0
-  with contextlib.ExitStack() as stack:
-    stack.callback(_SHARD_CONTEXT.clear)
-    pool = None
-    if workers > 1:
-      pool = multiprocessing.get_context("fork").Pool(workers)
-      # terminate() only on an error; on success the workers exit through
-      # close() + join(). One pytest run hung for 120 s between the last
-      # shard and the manifest, most likely in the terminate() of the pool's
-      # context manager (not reproduced in 40 runs since).
-      stack.callback(pool.terminate)
-      results = pool.imap(_write_shard, jobs)
-    else:
-      results = map(_write_shard, jobs)
-    for (split, shard, num_shards, _), info in zip(jobs, results):
-      shards[split].append(info)
+  try:
+    results = _in_processes(jobs, workers) if workers > 1 else \
+        ((i, _write_shard(job)) for i, job in enumerate(jobs))
+    for i, info in results:
+      infos[i] = info
+      split, shard, num_shards, _ = jobs[i]
       written += info.num_examples
       logging.info("%s: shard %d/%d done; %d/%d examples, %.0f examples/s", split, shard + 1,
                    num_shards, written, total, written / max(time.perf_counter() - start, 1e-9))
-    if pool is not None:
-      pool.close()
-      pool.join()
+  finally:
+    _SHARD_CONTEXT.clear()
+  shards: dict[str, list[mf.ShardInfo]] = {split: [] for split in targets}
+  for (split, _, _, _), info in zip(jobs, infos):
+    shards[split].append(info)
   return {split: mf.SplitInfo(sum(s.num_examples for s in infos), tuple(infos))
           for split, infos in shards.items()}
+
+
+def _shard_process(conn, jobs: list, indices: list[int]) -> None:
+  """A forked writer: writes its shards in order, sends (index, info) for each,
+  or (index, None, exception) for the first that fails, then exits."""
+  i = -1
+  try:
+    for i in indices:
+      conn.send((i, _write_shard(jobs[i]), None))
+  except BaseException as e:  # reported to the parent, which decides
+    try:
+      conn.send((i, None, e))
+    except Exception:  # the exception does not pickle
+      conn.send((i, None, RuntimeError(f"{type(e).__name__}: {e}")))
+  finally:
+    conn.close()
+
+
+def _in_processes(jobs: list, workers: int):
+  """Yields (job index, ShardInfo) from `workers` forked processes, each a
+  fixed share of the jobs (every `workers`-th). Plain processes and one pipe
+  each, not multiprocessing.Pool: Pool.terminate() after a worker's error can
+  wait for ever on a lock an idle worker holds; here an error kills the
+  others and the first failure is raised in this process."""
+  context = multiprocessing.get_context("fork")
+  running = {}
+  try:
+    for w in range(workers):
+      receive, send = context.Pipe(duplex=False)
+      process = context.Process(target=_shard_process, daemon=True,
+                                args=(send, jobs, list(range(w, len(jobs), workers))))
+      process.start()
+      send.close()
+      running[receive] = process
+    while running:
+      for conn in multiprocessing.connection.wait(list(running)):
+        try:
+          i, info, error = conn.recv()
+        except EOFError:  # the process has sent everything and exited, or died
+          process = running.pop(conn)
+          process.join()
+          conn.close()
+          if process.exitcode != 0:
+            raise DataError(f"a shard writer process exited with code {process.exitcode} "
+                            "(killed? out of memory?)") from None
+          continue
+        if error is not None:
+          raise error
+        yield i, info
+  finally:
+    for process in running.values():
+      if process.is_alive():
+        process.kill()
+    for conn, process in running.items():
+      process.join()
+      conn.close()
 
 
 def run(config: PreprocessConfig) -> mf.Manifest:
@@ -384,6 +433,11 @@ def run(config: PreprocessConfig) -> mf.Manifest:
   inputs = tuple(p for p in (config.input, config.movies) if p)
   replaceable = dict(overwrite=config.overwrite, own_file=mf.MANIFEST_FILE, inputs=inputs)
   check_replaceable(output_dir, **replaceable)  # before reading the input
+  with locked_output(output_dir, "preprocess"):  # and before reading: a busy or unwritable output
+    return _run_locked(config, output_dir, replaceable)
+
+
+def _run_locked(config: PreprocessConfig, output_dir: Path, replaceable: dict) -> mf.Manifest:
   started = time.perf_counter()
   log = readers.read_source(config.source, config.input, config.csv, config.movies or None)
   logging.info("read %d rows from %s in %.1fs", len(log.user_id), ", ".join(log.inputs),
@@ -426,7 +480,7 @@ def run(config: PreprocessConfig) -> mf.Manifest:
       users_without_train_examples=int((examples_per_user == 0).sum()),
   )
 
-  with atomic_directory(output_dir, **replaceable) as tmp:
+  with output_errors(output_dir), atomic_directory(output_dir, **replaceable) as tmp:
     (tmp / "vocab").mkdir()
     pq.write_table(vocab.items.append_column("target_count", pa.array(target_count)),
                    tmp / mf.ITEMS_FILE)

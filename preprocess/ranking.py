@@ -55,7 +55,8 @@ from preprocess import histories
 from preprocess import manifest as mf
 from preprocess import sequences as sq
 from preprocess.errors import ConfigError, DataError
-from preprocess.fileio import atomic_directory, check_replaceable, sha256_file
+from preprocess.fileio import (atomic_directory, check_replaceable, locked_output,
+                               output_errors, sha256_file)
 from preprocess.tfrecord_writer import TFRecordFileWriter
 from preprocess.vocab import Vocabulary
 from trainer.export_info import EXPORT_DIR, data_fingerprint, load_info
@@ -135,7 +136,10 @@ def read_candidates(directory: Path | str, manifest: mf.Manifest, items: Vocabul
   if not job_file.is_file():
     raise DataError(f"--candidates={directory}: no {RETRIEVAL_JOB_FILE} (not a retrieval job "
                     "output directory)")
-  job = json.loads(job_file.read_text())
+  try:
+    job = json.loads(job_file.read_text())
+  except (OSError, ValueError) as e:
+    raise DataError(f"--candidates={directory}: {RETRIEVAL_JOB_FILE} is unreadable ({e})") from None
   if not (directory / RETRIEVAL_SUCCESS_FILE).is_file():
     raise DataError(f"--candidates={directory}: no {RETRIEVAL_SUCCESS_FILE}; the retrieval job "
                     "has not finished (re-run it to complete the missing parts)")
@@ -174,7 +178,7 @@ def load_item_embeddings(source: str, manifest: mf.Manifest) -> tuple[np.ndarray
   path = Path(source)
   if path.is_dir():
     info = load_info(path)
-    if info.data_fingerprint != data_fingerprint(manifest):
+    if info.data_fingerprint != data_fingerprint(manifest):  # item vectors: items only
       raise DataError(f"--item_embeddings={path}: the model was trained on another item "
                       f"vocabulary than {manifest.data_dir}")
     path = path / EXPORT_DIR / info.item_embeddings
@@ -402,6 +406,12 @@ def run(config: RankingConfig) -> mf.RankingManifest:
   inputs = tuple(p for p in (config.data_dir, *config.candidates, config.item_embeddings) if p)
   replaceable = dict(overwrite=config.overwrite, own_file=mf.MANIFEST_FILE, inputs=inputs)
   check_replaceable(output_dir, **replaceable)
+  with locked_output(output_dir, "preprocess --mode=ranking"):
+    return _run_locked(config, output_dir, replaceable, started)
+
+
+def _run_locked(config: RankingConfig, output_dir: Path, replaceable: dict,
+                started: float) -> mf.RankingManifest:
   manifest = mf.load(config.data_dir)
   item_vocab = Vocabulary.from_parquet(manifest.path(mf.ITEMS_FILE), "item_id")
   user_vocab = Vocabulary.from_parquet(manifest.path(mf.USERS_FILE), "user_id")
@@ -460,7 +470,7 @@ def run(config: RankingConfig) -> mf.RankingManifest:
   mean, var = model_input.mean(axis=0), model_input.var(axis=0)
 
   category = items.category.astype(np.int64)
-  with atomic_directory(output_dir, **replaceable) as tmp:
+  with output_errors(output_dir), atomic_directory(output_dir, **replaceable) as tmp:
     (tmp / "vocab").mkdir()
     for relative in (mf.ITEMS_FILE, mf.USERS_FILE):
       shutil.copyfile(manifest.path(relative), tmp / relative)

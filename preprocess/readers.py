@@ -10,6 +10,7 @@ the pipeline uses it to break timestamp ties, so equal times keep file order.
 """
 
 import dataclasses
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 import pyarrow.types as patypes
 
 from preprocess.errors import DataError
+from preprocess.fileio import os_error_reason
 
 SOURCES = ("news", "movielens", "sasrec_txt", "csv")
 TIME_UNITS = ("ms", "s", "order")
@@ -298,8 +300,19 @@ def read_csv_source(path: Path, options: CsvOptions) -> RawLog:
 
 def read_source(source: str, input_path: Path | str, csv_options: CsvOptions | None = None,
                 movies_path: Path | str | None = None) -> RawLog:
-  """Dispatches on `--source`."""
+  """Dispatches on `--source`. A file that cannot be read (cut short, a broken
+  gzip stream, an I/O error) is a DataError naming it."""
   input_path = Path(input_path)
+  try:
+    return _read_source(source, input_path, csv_options, movies_path)
+  except (OSError, EOFError, zlib.error) as e:
+    where = getattr(e, "filename", None) or input_path
+    reason = os_error_reason(e) if isinstance(e, OSError) else str(e)
+    raise DataError(f"{where}: cannot read it ({reason}); is the file complete?") from None
+
+
+def _read_source(source: str, input_path: Path, csv_options: CsvOptions | None,
+                 movies_path: Path | str | None) -> RawLog:
   if source == "news":
     log = read_news(input_path)
   elif source == "movielens":

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from preprocess.fileio import atomic_directory, write_json_atomic
+from preprocess.fileio import atomic_directory, locked_output, output_errors, write_json_atomic
 from preprocess.readers import NEWS_ARTICLES, NEWS_CLICKS
 
 # Written beside the two CSVs: it marks the directory as this generator's, so
@@ -225,8 +225,9 @@ def _context_columns(rng: np.random.Generator, n_users: int) -> dict[str, np.nda
 def write(config: SyntheticConfig, output_dir: Path | str, overwrite: bool = False) -> Path:
   """Writes train_click_log.csv and articles.csv into `output_dir`, atomically."""
   log, articles = generate(config)
-  with atomic_directory(output_dir, overwrite=overwrite, own_file=SYNTHETIC_FILE,
-                        job="synthetic data") as tmp:
+  with locked_output(output_dir, "synthetic data writer"), output_errors(output_dir), \
+      atomic_directory(output_dir, overwrite=overwrite, own_file=SYNTHETIC_FILE,
+                       job="synthetic data") as tmp:
     log.to_csv(tmp / NEWS_CLICKS, index=False)
     articles.to_csv(tmp / NEWS_ARTICLES, index=False)
     write_json_atomic(tmp / SYNTHETIC_FILE, dataclasses.asdict(config))

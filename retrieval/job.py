@@ -10,6 +10,15 @@
     _SUCCESS-WWWWW-of-NNNNN.json   worker W finished: its counts and metric sums
     _SUCCESS, metrics.json         written once every worker has finished
 
+Concurrency: every worker of a job holds output_dir/.lock shared for its
+run, and its own share's lock (.lock-part-WWWWW-of-NNNNN) exclusively, so one
+share never runs twice at once. job.json is created once, complete, by a
+hard link (O_EXCL semantics): of jobs with other flags started together one
+wins, the others read its job.json and refuse. Replacing another job's output
+(--overwrite) takes .lock exclusively, which only succeeds while no worker
+of any job runs there. The first worker builds the index under .lock-index;
+the others wait for it and load it.
+
 Users are the rows of user_histories.parquet; worker W of N takes the
 contiguous slice [n W / N, n (W + 1) / N) and cuts it into batches, so part
 names are a function of the flags and a re-run skips every part that exists
@@ -29,7 +38,9 @@ indexes the overlap of the top-K with an exact search for a sample of users
 
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +51,7 @@ import pyarrow.parquet as pq
 from absl import logging
 
 from preprocess import histories
+from preprocess import locks
 from preprocess import manifest as mf
 from preprocess.errors import ConfigError, DataError
 from preprocess.fileio import sha256_file, write_bytes_atomic, write_json_atomic
@@ -57,6 +69,11 @@ SUCCESS_FILE = "_SUCCESS"
 METRICS_FILE = "metrics.json"
 STATS_KEY = b"retrieval_stats"
 EVAL_NONE = "none"
+SHARE_LOCK_PREFIX = ".lock-"
+INDEX_LOCK = ".lock-index"
+# How long a worker waits for another job's exclusive hold (replacing its
+# output: deletions only) before it reports the directory as busy.
+CLAIM_WAIT_SECONDS = 60.0
 CANDIDATE_SCHEMA = pa.schema([("user_id", pa.int64()), ("article_id", pa.int64()),
                               ("recall_score", pa.float32()), ("recall_rank", pa.int32())])
 
@@ -161,9 +178,23 @@ def run(config: RetrievalConfig) -> dict:
   """Runs this worker's share; returns the job metrics once every worker is done, else {}."""
   p = plan(config)
   out = Path(config.output_dir)
+  if out.exists() and not out.is_dir():
+    raise DataError(f"--output_dir={out}: exists and is not a directory")
   model = _model_identity(config, p)
-  _claim_output(out, {**config.shared(), **model, "spec": dataclasses.asdict(p.spec)},
-                config.overwrite)
+  stamp = {**config.shared(), **model, "spec": dataclasses.asdict(p.spec)}
+  job_lock = locks.LockFile(out / locks.LOCK_FILE, "retrieval job", out)
+  try:
+    _claim_output(out, stamp, config.overwrite, job_lock)
+    share = f"{SHARE_LOCK_PREFIX}{part_prefix(config.worker_index, config.num_workers)}"
+    with locks.exclusive_file(out / share, f"retrieval worker {config.worker_index} of "
+                              f"{config.num_workers} of this job", out):
+      return _run_claimed(config, p, out, model)
+  finally:
+    job_lock.close()
+
+
+def _run_claimed(config: RetrievalConfig, p: Plan, out: Path, model: dict) -> dict:
+  """This worker's share, with the job claimed and the share locked."""
   if config.threads:
     faiss.omp_set_num_threads(config.threads)
 
@@ -283,28 +314,93 @@ def _read_stats(path: Path) -> dict:
     raise DataError(f"{path}: not a candidate part of this job ({e}); delete it to redo it") from e
 
 
-def _claim_output(out: Path, stamp: dict, overwrite: bool) -> None:
-  """Writes job.json, or checks an existing one is this job (re-run / other worker)."""
+_UNREADABLE = "unreadable"
+
+
+def _read_job(job: Path) -> dict | None:
+  """job.json's stamp; None when absent. A file that does not parse is a
+  damaged output: refused, or replaced with --overwrite."""
+  try:
+    stamp = json.loads(job.read_text())
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    return {_UNREADABLE: str(e)}
+  return stamp if isinstance(stamp, dict) else {_UNREADABLE: "not a JSON object"}
+
+
+def _create_once(path: Path, obj: dict) -> bool:
+  """Creates `path` complete with `obj`, only if it does not exist (a hard link
+  of a written temporary: atomic, and never a half-written file)."""
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(json.dumps(obj, indent=2) + "\n")
+    os.chmod(tmp, 0o644)
+    try:
+      os.link(tmp, path)
+    except FileExistsError:
+      return False
+    return True
+  finally:
+    os.unlink(tmp)
+
+
+def _foreign_names(out: Path) -> list[str]:
+  """What is in `out` that no retrieval job wrote (its lock files excepted)."""
+  return sorted(p.name for p in out.iterdir() if not p.name.startswith(locks.LOCK_FILE))
+
+
+def _clear(out: Path) -> None:
+  for name in (INDEX_DIR, CANDIDATES_DIR):
+    shutil.rmtree(out / name, ignore_errors=True)
+  for marker in out.glob(f"{SUCCESS_FILE}*"):
+    marker.unlink()
+  (out / METRICS_FILE).unlink(missing_ok=True)
+
+
+def _claim_output(out: Path, stamp: dict, overwrite: bool, lock: locks.LockFile) -> None:
+  """Returns holding `lock` shared, with job.json equal to `stamp`: created by
+  this worker, or by another worker of the same job, or a re-run's."""
   job = out / JOB_FILE
-  if job.exists():
-    previous = json.loads(job.read_text())
-    if previous == stamp:
-      return
-    if not overwrite:
-      changed = sorted(k for k in set(stamp) | set(previous) if stamp.get(k) != previous.get(k))
-      raise ConfigError(f"{out}: holds output of a different retrieval job (differs in "
-                        f"{', '.join(changed)}); pass --overwrite to replace it")
-    for name in (INDEX_DIR, CANDIDATES_DIR):
-      shutil.rmtree(out / name, ignore_errors=True)
-    for marker in out.glob(f"{SUCCESS_FILE}*"):
-      marker.unlink()
-    (out / METRICS_FILE).unlink(missing_ok=True)
-  elif out.exists() and any(out.iterdir()):
-    if not overwrite:
-      raise ConfigError(f"{out}: exists, is not empty and is not a retrieval output; pass "
-                        "--overwrite or choose another --output_dir")
-  out.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(job, stamp)
+  deadline = time.monotonic() + CLAIM_WAIT_SECONDS
+  while True:
+    if lock.try_take(shared=True):
+      previous = _read_job(job)
+      if previous == stamp:
+        return
+      if previous is None:
+        foreign = _foreign_names(out)
+        if foreign and not overwrite:
+          raise ConfigError(f"{out}: exists, is not empty and is not a retrieval output (holds "
+                            f"{', '.join(foreign[:5])}); pass --overwrite or choose another "
+                            "--output_dir")
+        if _create_once(job, stamp):
+          return
+        continue  # another worker or job created it meanwhile: compare with it
+      if not overwrite and _UNREADABLE in previous:
+        raise DataError(f"{job}: unreadable ({previous[_UNREADABLE]}); pass --overwrite to "
+                        "replace this output, or delete it")
+      if not overwrite:
+        changed = sorted(k for k in set(stamp) | set(previous)
+                         if stamp.get(k) != previous.get(k))
+        raise ConfigError(f"{out}: holds output of a different retrieval job (differs in "
+                          f"{', '.join(changed)}); pass --overwrite to replace it")
+      lock.release()
+    if lock.try_take(shared=False):  # replace another job's output: no worker of any job runs
+      previous = _read_job(job)
+      if previous != stamp:
+        if previous is not None and not overwrite:
+          lock.release()
+          continue
+        _clear(out)
+        write_json_atomic(job, stamp)
+        logging.info("%s: replaced the output of another retrieval job (--overwrite)", out)
+      lock.release()
+      continue  # back to shared, and check again: another job may have come between
+    if time.monotonic() > deadline:
+      raise lock.locked_error()
+    time.sleep(0.2)
 
 
 def _index(config: RetrievalConfig, p: Plan, out: Path, items: Vocabulary, model: dict):
@@ -316,17 +412,23 @@ def _index(config: RetrievalConfig, p: Plan, out: Path, items: Vocabulary, model
           "num_items": len(vectors), "dim": int(vectors.shape[1]), "labels": "raw item_id",
           "metric": "inner product of L2-normalised vectors"}
   directory = out / INDEX_DIR
-  if (directory / index_lib.INDEX_INFO_FILE).exists():
-    index, saved = index_lib.load(directory)
-    if saved != info:
-      raise DataError(f"{directory}: holds an index built differently; pass --overwrite")
-    logging.info("loaded the index from %s", directory)
-  else:
-    started = time.perf_counter()
-    index, _ = index_lib.build(vectors, items.raw_ids, p.spec)
-    index_lib.save(index, directory, info)
-    logging.info("built %s index over %d items in %.1fs", p.spec.kind, len(vectors),
-                 time.perf_counter() - started)
+  # One worker builds, the others wait and load it: every share searches the same index.
+  index_lock = locks.LockFile(out / INDEX_LOCK, "retrieval worker", out)
+  try:
+    index_lock.wait()
+    if (directory / index_lib.INDEX_INFO_FILE).exists():
+      index, saved = index_lib.load(directory)
+      if saved != info:
+        raise DataError(f"{directory}: holds an index built differently; pass --overwrite")
+      logging.info("loaded the index from %s", directory)
+    else:
+      started = time.perf_counter()
+      index, _ = index_lib.build(vectors, items.raw_ids, p.spec)
+      index_lib.save(index, directory, info)
+      logging.info("built %s index over %d items in %.1fs", p.spec.kind, len(vectors),
+                   time.perf_counter() - started)
+  finally:
+    index_lock.close()
   exact = dense = None
   if p.spec.kind != "flat":
     exact, _ = index_lib.build(vectors, items.raw_ids, index_lib.IndexSpec("flat"))
@@ -342,6 +444,7 @@ def _model_identity(config: RetrievalConfig, p: Plan) -> dict:
   embeddings = Path(config.model_dir) / EXPORT_DIR / p.info.item_embeddings
   return {"model_dir": str(Path(config.model_dir).absolute()), "global_step": p.info.global_step,
           "data_fingerprint": p.info.data_fingerprint,
+          "vocab_fingerprints": p.info.vocab_fingerprints,
           "item_embeddings_sha256": sha256_file(embeddings)}
 
 

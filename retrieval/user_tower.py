@@ -6,16 +6,13 @@ import numpy as np
 
 from preprocess import manifest as mf
 from preprocess.errors import DataError
-from trainer.export_info import EXPORT_DIR, ExportInfo, data_fingerprint, load_info
+from trainer.export_info import EXPORT_DIR, ExportInfo, check_vocabularies, load_info
 
 
 def check_export_matches_data(model_dir: Path, manifest: mf.Manifest) -> ExportInfo:
-  """The export's info, after checking it was trained on this data's vocabulary."""
+  """The export's info, after checking it was trained on this data's vocabularies."""
   info = load_info(model_dir)
-  if info.data_fingerprint != data_fingerprint(manifest):
-    raise DataError(
-        f"{model_dir}: the model was trained on another item vocabulary ({info.data_dir}) "
-        f"than {manifest.data_dir}; vocab/items.parquet differs")
+  check_vocabularies(model_dir, info, manifest)
   embeddings = Path(model_dir) / EXPORT_DIR / info.item_embeddings
   if not embeddings.is_file():
     raise DataError(f"{embeddings}: missing (the export is incomplete)")

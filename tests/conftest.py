@@ -1,7 +1,9 @@
 """Shared fixtures: small logs written by the tests themselves (never ../shared)."""
 
+import contextlib
 import dataclasses
 import os
+import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -15,6 +17,22 @@ from preprocess import pipeline, synthetic  # noqa: E402
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size: str, readonly: bool = False):
+  """A tmpfs of `size` mounted at `path` for the block: a real full (or
+  read-only) disk. Skips the test where mounting is not allowed (not root)."""
+  path.mkdir()
+  options = f"size={size}" + (",ro" if readonly else "")
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                        capture_output=True)
+  if done.returncode != 0:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=False)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,10 @@
 import collections
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
-from conftest import make_config
+from conftest import make_config, small_tmpfs
 from preprocess import manifest as mf
-from preprocess import pipeline, tfrecord_writer
+from preprocess import fileio, locks, pipeline, tfrecord_writer
 from preprocess.errors import DataError
 from preprocess.vocab import Vocabulary
 
@@ -262,7 +266,8 @@ def test_failure_leaves_no_partial_output(tiny_news_dir, tmp_path, monkeypatch, 
 
   original = tfrecord_writer.TFRecordFileWriter.write_examples
   monkeypatch.setattr(tfrecord_writer.TFRecordFileWriter, "write_examples", failing_write)
-  with pytest.raises(OSError, match="disk full"):
+  with pytest.raises(DataError, match=f"^{out}: cannot write the output \\(disk full\\); "
+                                      "nothing was written"):
     pipeline.run(make_config(tiny_news_dir, out, overwrite=True))
   assert len(calls) == 2
   if existing:
@@ -270,6 +275,31 @@ def test_failure_leaves_no_partial_output(tiny_news_dir, tmp_path, monkeypatch, 
   else:
     assert not out.exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
+
+
+def test_a_second_job_on_the_same_output_is_refused_and_killed_runs_are_cleaned(
+    tiny_news_dir, tmp_path):
+  out = tmp_path / "out"
+  with locks.exclusive_file(fileio.output_lock_path(out), "preprocess", out):
+    with pytest.raises(locks.DirectoryLocked, match=f"^{out} is in use by another preprocess "):
+      pipeline.run(make_config(tiny_news_dir, out))
+  assert not out.exists()
+  # What a kill -9 leaves beside the output: a half-built and a replaced copy.
+  (tmp_path / ".out.tmp-dead1").mkdir()
+  (tmp_path / ".out.tmp-dead1" / "vocab").mkdir()
+  (tmp_path / ".out.old-1234").mkdir()
+  (tmp_path / ".other.tmp-x").mkdir()  # another output's: not this job's to remove
+  pipeline.run(make_config(tiny_news_dir, out))
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-x", "out"]
+
+
+def test_an_output_that_cannot_be_created_fails_before_the_input_is_read(tmp_path):
+  garbage = tmp_path / "raw"
+  garbage.mkdir()
+  (garbage / "train_click_log.csv").write_text("not,a\nlog")
+  for out in ("/proc/no_such_dir/out", "/proc/out"):
+    with pytest.raises(DataError, match=f"^{out.rsplit('/', 1)[0]}: cannot create or lock it"):
+      pipeline.run(make_config(garbage, out))
 
 
 def test_bad_input_leaves_no_output(tmp_path):
@@ -332,3 +362,58 @@ def test_damaged_shard_is_named(tiny_news_dir, tmp_path):
   manifest.verify_shards("train")  # same size: only the checksum sees it
   with pytest.raises(DataError, match=f"{shard.name}: SHA-256 differs"):
     manifest.verify_shards("train", checksums=True)
+
+
+def test_disk_full_in_a_forked_shard_writer_ends_with_one_error_and_no_temporary(
+    tiny_news_dir, tmp_path):
+  # Every shard in turn is the one that meets the full disk, so the failure
+  # arrives early, late and while the other writer is idle. The loop runs in a
+  # subprocess with a timeout: a hang fails the test instead of stalling it.
+  script = textwrap.dedent(f"""
+      import errno
+      from pathlib import Path
+      from preprocess import pipeline
+      from preprocess.errors import DataError
+      from tests.conftest import make_config
+
+      write_shard = pipeline._write_shard
+      for n in range(16):
+        def full_disk(job, n=n):
+          split, shard, num_shards, _ = job
+          if (shard + (num_shards if split != "train" else 0)) == n % (2 * num_shards):
+            raise OSError(errno.ENOSPC, "No space left on device")
+          return write_shard(job)
+        pipeline._write_shard = full_disk
+        out = Path({str(tmp_path)!r}) / "out"
+        try:
+          pipeline.run(make_config(Path({str(tiny_news_dir)!r}), out, num_shards=8,
+                                   num_workers=2, holdout="valid_test"))
+        except DataError as e:
+          assert "cannot write the output (No space left on device)" in str(e), e
+        else:
+          raise AssertionError("no error")
+        left = sorted(p.name for p in Path({str(tmp_path)!r}).iterdir())
+        assert left == [], left
+      print("ok")
+      """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          text=True, timeout=180, cwd=Path(__file__).parent.parent)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_a_really_full_disk_with_two_writers_is_one_line_and_leaves_the_disk_empty(
+    tiny_news_dir, tmp_path):
+  small = tmp_path / "small"
+  with small_tmpfs(small, "320k"):  # the vocabularies fit, the shards do not
+    for _ in range(4):
+      result = subprocess.run(
+          [sys.executable, "-m", "preprocess.main", "--source=news",
+           f"--input={tiny_news_dir}", f"--output_dir={small / 'out'}", "--num_shards=8",
+           "--num_workers=2", "--compression=NONE"],
+          capture_output=True, text=True, timeout=120)
+      assert result.returncode == 1, result.stderr[-2000:]
+      lines = result.stderr.strip().splitlines()
+      assert lines[-1].startswith(f"preprocess: error: {small / 'out'}: cannot write the "
+                                  "output (No space left on device)"), lines[-3:]
+      assert not [line for line in lines if "Traceback" in line]
+      assert list(small.iterdir()) == []

@@ -162,3 +162,21 @@ def test_large_ids_are_exact(tmp_path):
   path = write(tmp_path / "x.txt", f"{big} 1\n{big} 2\n")
   log = readers.read_source("sasrec_txt", path)
   assert log.user_id.dtype == np.int64 and int(log.user_id[0]) == big
+
+
+@pytest.mark.parametrize("source, name, line", [
+    ("sasrec_txt", "log.txt.gz", "{u} {i}\n"),
+    ("csv", "log.csv.gz", "{u},{i},{t}\n"),
+])
+def test_a_gzip_file_cut_short_is_named(tmp_path, source, name, line):
+  # Random ids so that the stream does not compress to a few bytes.
+  rng = np.random.default_rng(0)
+  rows = "".join(line.format(u=u, i=i, t=t) for t, (u, i) in
+                 enumerate(rng.integers(1, 10**9, size=(20000, 2))))
+  header = "user,item,ts\n" if source == "csv" else ""
+  whole = gzip.compress((header + rows).encode())
+  path = tmp_path / name
+  path.write_bytes(whole[:len(whole) // 2])  # as a copy stopped half-way leaves it
+  options = readers.CsvOptions(user_col="user", item_col="item", time_col="ts")
+  with pytest.raises(DataError, match=rf"^{path}: cannot read it \(.*\); is the file complete"):
+    readers.read_source(source, path, options)

@@ -12,6 +12,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from preprocess import locks
+from preprocess.errors import DataError
 from preprocess.vocab import Vocabulary
 from retrieval import index as index_lib
 from retrieval import job
@@ -283,3 +285,115 @@ def test_model_without_export_or_from_other_data_is_refused(tiny_data, tiny_news
                          f"--output_dir={tmp_path / 'b'}")
   assert result.returncode == 1 and "another item vocabulary" in result.stderr
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---- concurrent jobs on one output directory ---------------------------------------
+
+
+def _start_cli(tiny_data, tiny_export, out, *extra):
+  return subprocess.Popen(
+      [sys.executable, "-m", "retrieval.main", f"--data_dir={tiny_data.data_dir}",
+       f"--model_dir={tiny_export}", f"--output_dir={out}", "--batch_size=10",
+       "--eval_split=test", "--eval_topk=5,10", *extra],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_jobs_with_other_flags_started_together_one_wins(tiny_data, tiny_export, tmp_path):
+  out = tmp_path / "out"
+  procs = [_start_cli(tiny_data, tiny_export, out, f"--topk={k}") for k in (20, 30)]
+  results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+  codes = sorted(rc for rc, _, _ in results)
+  assert codes == [0, 2], results
+  _, _, stderr = next(r for r in results if r[0] == 2)
+  assert "holds output of a different retrieval job (differs in topk" in stderr
+  assert len(stderr.strip().splitlines()) == 1
+  # The output is the winner's alone: every user has the job's topk rows.
+  topk = json.loads((out / job.JOB_FILE).read_text())["topk"]
+  per_user = read_candidates(out).groupby("user_id").size()
+  assert set(per_user) == {topk}
+  assert json.loads((out / job.METRICS_FILE).read_text())["topk"] == topk
+
+
+def test_workers_of_one_job_started_together_share_it(tiny_data, tiny_export, tmp_path):
+  job.run(job_config(tiny_data, tiny_export, tmp_path / "one", batch_size=10))
+  procs = [_start_cli(tiny_data, tiny_export, tmp_path / "two", "--topk=20", "--num_workers=2",
+                      f"--worker_index={w}") for w in (0, 1)]
+  results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+  assert [rc for rc, _, _ in results] == [0, 0], results
+  pd.testing.assert_frame_equal(read_candidates(tmp_path / "one"),
+                                read_candidates(tmp_path / "two"))
+  assert (tmp_path / "two" / job.SUCCESS_FILE).exists()
+
+
+def test_a_share_that_is_running_is_not_run_twice(tiny_data, tiny_export, tmp_path):
+  out = tmp_path / "out"
+  share = out / f"{job.SHARE_LOCK_PREFIX}{job.part_prefix(0, 1)}"
+  with locks.exclusive_file(share, "test", out):
+    with pytest.raises(locks.DirectoryLocked, match="in use by another retrieval worker 0 of 1"):
+      job.run(job_config(tiny_data, tiny_export, out))
+    assert not (out / job.CANDIDATES_DIR).exists()
+  job.run(job_config(tiny_data, tiny_export, out))  # released: the same job runs
+
+
+def test_overwrite_is_refused_while_a_worker_of_the_other_job_runs(tiny_data, tiny_export,
+                                                                  tmp_path, monkeypatch):
+  out = tmp_path / "out"
+  job.run(job_config(tiny_data, tiny_export, out))
+  before = read_candidates(out)
+  monkeypatch.setattr(job, "CLAIM_WAIT_SECONDS", 0.5)
+  running = locks.LockFile(out / locks.LOCK_FILE, "test", out)
+  try:
+    running.take(shared=True)  # a worker of the first job, still running
+    with pytest.raises(locks.DirectoryLocked, match=f"{out} is in use by another retrieval job"):
+      job.run(job_config(tiny_data, tiny_export, out, topk=10, overwrite=True))
+  finally:
+    running.close()
+  pd.testing.assert_frame_equal(read_candidates(out), before)
+  result = job.run(job_config(tiny_data, tiny_export, out, topk=10, overwrite=True))
+  assert result["candidates"] == result["users"] * 10
+
+
+def test_damaged_job_file_and_a_file_as_output_are_one_line_errors(tiny_data, tiny_export,
+                                                                   tmp_path):
+  out = tmp_path / "out"
+  job.run(job_config(tiny_data, tiny_export, out))
+  (out / job.JOB_FILE).write_text('{"topk": 2')  # cut short
+  with pytest.raises(DataError, match=r"job.json: unreadable .*pass --overwrite"):
+    job.run(job_config(tiny_data, tiny_export, out))
+  assert job.run(job_config(tiny_data, tiny_export, out, overwrite=True))["users"] > 0
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  result = retrieval_cli(f"--data_dir={tiny_data.data_dir}", f"--model_dir={tiny_export}",
+                         f"--output_dir={a_file}", "--topk=20", "--eval_topk=5,10")
+  assert result.returncode == 1, result.stderr
+  assert "exists and is not a directory" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1 and a_file.read_text() == "x"
+
+
+def test_users_rekeyed_under_the_same_items_are_refused_for_a_user_embedding(
+    tiny_data, tiny_export, tmp_path):
+  import pyarrow as pa
+  from tests.conftest import small_trainer_config
+  from trainer import train_lib
+  from trainer.export_info import load_info
+  two_tower = tmp_path / "two_tower"
+  train_lib.train(small_trainer_config(tiny_data.data_dir, two_tower, model="two_tower",
+                                       train_steps=2, eval_split="test"), tiny_data)
+  assert set(load_info(two_tower).vocab_fingerprints) == {"items", "users"}
+  assert set(load_info(tiny_export).vocab_fingerprints) == {"items"}  # sasrec: no user input
+  # The same data with its users re-keyed: the same items.parquet, other user indices.
+  rekeyed = tmp_path / "rekeyed"
+  shutil.copytree(tiny_data.data_dir, rekeyed)
+  users = pq.read_table(rekeyed / "vocab" / "users.parquet")
+  raw = users.column("user_id").to_numpy()
+  users = users.set_column(users.schema.get_field_index("user_id"), "user_id",
+                           pa.array(np.concatenate([raw[:1], raw[1:][::-1]])))
+  pq.write_table(users, rekeyed / "vocab" / "users.parquet")
+  with pytest.raises(DataError, match=r"trained on another user vocabulary .*; "
+                                      r"vocab/users.parquet differs$"):
+    job.run(job_config(tiny_data, two_tower, tmp_path / "out", data_dir=str(rekeyed)))
+  assert not (tmp_path / "out").exists()
+  # sasrec reads histories only: the re-keyed users are no concern of it.
+  from preprocess import manifest as mf
+  from retrieval import user_tower
+  user_tower.check_export_matches_data(tiny_export, mf.load(rekeyed))

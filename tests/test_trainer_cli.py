@@ -4,11 +4,13 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from conftest import small_tmpfs
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 SMALL = ["--batch_size=16", "--emb_dim=16", "--num_blocks=1", "--ff_dim=16",
@@ -132,7 +134,8 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_resumes(tiny_windows, 
   assert f"trainer: step {step + 2}," in result.stdout
 
 
-def test_kill_9_then_the_same_command_resumes_from_the_last_checkpoint(tiny_windows, tmp_path):
+def test_kill_9_then_the_same_command_resumes_and_removes_what_the_killed_run_left(
+    tiny_windows, tmp_path):
   model_dir = tmp_path / "m"
   args = [f"--data_dir={tiny_windows.data_dir}", f"--model_dir={model_dir}", *SMALL,
           "--checkpoint_every_steps=2", "--train_steps=40", "--noexport"]
@@ -142,11 +145,21 @@ def test_kill_9_then_the_same_command_resumes_from_the_last_checkpoint(tiny_wind
   proc.communicate()
   saved = checkpoints(model_dir)[-1]
   assert 0 < saved < 40
+  # The killed process's autograph modules are in model_dir, not in /tmp.
+  own_tmp = model_dir / ".tmp" / f"{socket.gethostname()}-{proc.pid}"
+  assert list(own_tmp.glob("__autograph_generated_file*.py"))
+  # What a kill -9 in the middle of a save leaves.
+  (model_dir / "checkpoints" / f"ckpt-{saved + 1}_temp").mkdir()
+  (model_dir / "checkpoints" / f"ckpt-{saved + 1}_temp" / "part-00000-of-00001.index").touch()
+  (model_dir / ".export.tmp-dead").mkdir()
+  (model_dir / ".metrics.json.tmp-dead").write_text("{")
   result = trainer(*args)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "resumed from" in result.stderr
   assert "trainer: step 40," in result.stdout
   assert checkpoints(model_dir)[-1] == 40
+  assert not list(model_dir.glob("checkpoints/*_temp")) and not list(model_dir.glob(".*.tmp-*"))
+  assert not (model_dir / ".tmp").exists()
 
 
 def test_auto_loss_is_the_catalogue_softmax_while_its_logits_fit(tiny_windows):
@@ -194,3 +207,21 @@ def test_model_defaults_resolve_per_model_and_yield_to_flags():
   from trainer.config import TrainerConfig
   two_tower = TrainerConfig(model="two_tower")
   assert (two_tower.loss, two_tower.dropout) == ("auto", 0.0)
+
+
+def test_a_full_or_read_only_model_dir_is_one_line(tiny_windows, tmp_path):
+  args = [f"--data_dir={tiny_windows.data_dir}", *SMALL, "--checkpoint_every_steps=2",
+          "--train_steps=30", "--noexport"]
+  with small_tmpfs(tmp_path / "full", "192k"):
+    result = trainer(f"--model_dir={tmp_path / 'full' / 'm'}", *args)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"trainer: error: --model_dir={tmp_path / 'full' / 'm'}: cannot write (No space left "
+        "on device); the last complete checkpoint is kept, and the same command resumes from it")
+    assert "Traceback" not in result.stderr
+  with small_tmpfs(tmp_path / "ro", "64k", readonly=True):
+    result = trainer(f"--model_dir={tmp_path / 'ro' / 'm'}", *args)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"trainer: error: {tmp_path / 'ro' / 'm'}: cannot create or lock it (Read-only file "
+        "system)"]

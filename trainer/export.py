@@ -1,7 +1,7 @@
 """The trainer's export: what the retrieval job (and serving) loads.
 
   model_dir/export/
-    export_manifest.json   this module's ExportInfo: model, sizes, data fingerprint
+    export_manifest.json   this module's ExportInfo: model, sizes, vocabulary fingerprints
     user_tower/            SavedModel, signature serving_default:
                              history [None, max_seq_len] int64 item indices (0 = padding,
                                left-padded, latest click last)
@@ -21,9 +21,11 @@ The ranker (dien) exports instead:
                              standardises them)
                            -> score [None] float32 click probability, logit [None] float32
 
-The data fingerprint (SHA-256 of vocab/items.parquet) lets the retrieval job
-refuse a data directory whose vocabulary differs from the model's. The
-export directory is replaced atomically.
+The vocabulary fingerprints (SHA-256 of vocab/items.parquet, and of
+vocab/users.parquet for a model with a user embedding) let the retrieval job
+refuse a data directory whose vocabularies differ from the model's, users
+re-keyed under the same items included. The export directory is replaced
+atomically.
 """
 
 import dataclasses
@@ -36,7 +38,7 @@ from preprocess import manifest as mf
 from preprocess.fileio import atomic_directory, write_json_atomic
 from trainer.export_info import (EXPORT_DIR, EXPORT_MANIFEST, ITEM_EMBEDDINGS, RANKER,
                                  USER_TOWER, ExportInfo, RankerExportInfo, data_fingerprint,
-                                 load_info)
+                                 load_info, vocab_fingerprints)
 from trainer.models import RetrievalModel
 
 __all__ = ["EXPORT_DIR", "EXPORT_MANIFEST", "ITEM_EMBEDDINGS", "USER_TOWER", "ExportInfo",
@@ -59,6 +61,12 @@ class UserTower(tf.Module):
     return {"vector": tf.cast(vector, tf.float32)}
 
 
+def input_vocabularies(model) -> tuple[str, ...]:
+  """The vocabularies whose indices the model's inputs are: the items always,
+  the users when the model has a user embedding."""
+  return ("items",) + (("users",) if getattr(model, "user_embedding", None) is not None else ())
+
+
 def export(model: RetrievalModel, model_name: str, manifest: mf.Manifest, model_dir: Path,
            global_step: int) -> Path:
   num_items = manifest.vocab_sizes["items"]
@@ -69,7 +77,8 @@ def export(model: RetrievalModel, model_name: str, manifest: mf.Manifest, model_
   info = ExportInfo(model=model_name, emb_dim=int(vectors.shape[1]),
                     max_seq_len=manifest.max_seq_len, num_items=num_items,
                     num_users=manifest.vocab_sizes["users"], data_dir=str(manifest.data_dir),
-                    data_fingerprint=data_fingerprint(manifest), global_step=global_step)
+                    data_fingerprint=data_fingerprint(manifest), global_step=global_step,
+                    vocab_fingerprints=vocab_fingerprints(manifest, input_vocabularies(model)))
   target = Path(model_dir) / EXPORT_DIR
   with atomic_directory(target, overwrite=True) as tmp:
     tower = UserTower(model, manifest.max_seq_len)
@@ -105,7 +114,9 @@ def export_ranker(model, manifest: mf.RankingManifest, model_dir: Path, global_s
                           dense_features=tuple(manifest.dense_features),
                           num_items=manifest.vocab_sizes["items"],
                           num_users=manifest.vocab_sizes["users"], data_dir=str(manifest.data_dir),
-                          data_fingerprint=data_fingerprint(manifest), global_step=global_step)
+                          data_fingerprint=data_fingerprint(manifest), global_step=global_step,
+                          vocab_fingerprints=vocab_fingerprints(manifest,
+                                                                input_vocabularies(model)))
   target = Path(model_dir) / EXPORT_DIR
   with atomic_directory(target, overwrite=True) as tmp:
     module = Ranker(model, manifest.max_hist_len, len(manifest.dense_features))

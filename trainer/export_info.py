@@ -31,6 +31,9 @@ class ExportInfo:
   global_step: int  # the step exported: the best evaluation when the run selected one
   user_tower: str = USER_TOWER
   item_embeddings: str = ITEM_EMBEDDINGS
+  # SHA-256 of every vocabulary the model's inputs are indices of, by name
+  # (VOCABULARY_FILES); an export without it knows only the items.
+  vocab_fingerprints: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +47,36 @@ class RankerExportInfo:
   data_fingerprint: str
   global_step: int
   ranker: str = RANKER
+  vocab_fingerprints: dict = dataclasses.field(default_factory=dict)
+
+
+VOCABULARY_FILES = {"items": mf.ITEMS_FILE, "users": mf.USERS_FILE}
 
 
 def data_fingerprint(manifest: mf.Manifest | mf.RankingManifest) -> str:
   """SHA-256 of the data's item vocabulary: a model only fits data with the same one."""
   return sha256_file(manifest.path(mf.ITEMS_FILE))
+
+
+def vocab_fingerprints(manifest: mf.Manifest | mf.RankingManifest,
+                       names: tuple[str, ...]) -> dict[str, str]:
+  """{name: SHA-256 of the data's vocabulary file} for the vocabularies `names`."""
+  return {name: sha256_file(manifest.path(VOCABULARY_FILES[name])) for name in names}
+
+
+def check_vocabularies(model_dir: Path | str, info: "ExportInfo | RankerExportInfo",
+                       manifest: mf.Manifest | mf.RankingManifest) -> None:
+  """DataError naming the first vocabulary of the export that the data does not
+  share: the items, or the users re-keyed under the same items (a user
+  embedding would then score another user)."""
+  for name, sha in (info.vocab_fingerprints or {"items": info.data_fingerprint}).items():
+    if name not in VOCABULARY_FILES:
+      raise DataError(f"{Path(model_dir)}: the export depends on a vocabulary {name!r} this "
+                      "version does not know")
+    if vocab_fingerprints(manifest, (name,))[name] != sha:
+      raise DataError(f"{Path(model_dir)}: the model was trained on another {name[:-1]} "
+                      f"vocabulary ({info.data_dir}) than {manifest.data_dir}; "
+                      f"{VOCABULARY_FILES[name]} differs")
 
 
 def load_info(model_dir: Path | str) -> ExportInfo:

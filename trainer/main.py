@@ -188,6 +188,12 @@ def main(argv):
         result = train_lib.train(config, manifest)
       except train_lib.TrainingError as e:
         fail(str(e), 1)
+      except Exception as e:  # pylint: disable=broad-except
+        reason = train_lib.storage_failure(e)
+        if reason is None:
+          raise
+        fail(f"--model_dir={config.model_dir}: cannot write ({reason}); the last complete "
+             "checkpoint is kept, and the same command resumes from it", 1)
   except locks.DirectoryLocked as e:
     fail(f"--model_dir: {e}", 1)
   except (config_lib.ConfigError, DataError) as e:

@@ -25,11 +25,15 @@ call (Model Garden / Orbit style). Around it:
   first step, else the step fails on a placeholder.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
+import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +44,7 @@ import tensorflow as tf
 from absl import logging
 
 from preprocess import manifest as mf
-from preprocess.fileio import write_json_atomic
+from preprocess.fileio import os_error_reason, write_json_atomic
 from trainer import cluster
 from trainer import config as config_lib
 from trainer import evaluation, export, input_pipeline, models, ranking_eval, selection, strategies
@@ -64,6 +68,22 @@ PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.AbortedError,
 
 class TrainingError(RuntimeError):
   """Training cannot continue (e.g. a non-finite loss); the message says why."""
+
+
+# What the operating system says when storage refuses a write; TensorFlow's
+# file ops carry it only in their message.
+STORAGE_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                    "Permission denied", "Input/output error")
+
+
+def storage_failure(error: BaseException) -> str | None:
+  """The storage reason when `error` is a failed write or read of a file
+  (Python's OSError or a TensorFlow file op), else None."""
+  if isinstance(error, OSError):
+    return os_error_reason(error)
+  if isinstance(error, tf.errors.OpError):
+    return next((reason for reason in STORAGE_FAILURES if reason in error.message), None)
+  return None
 
 
 @dataclasses.dataclass
@@ -343,6 +363,8 @@ class Trainer:
 
   def run(self) -> RunResult:
     c = self.config
+    if self.is_chief:
+      remove_leftovers(self.model_dir)
     step = self.restore()
     if self.is_chief:
       config_lib.save(c)
@@ -542,7 +564,8 @@ def evaluate_checkpoint(config: TrainerConfig, manifest) -> dict:
 
 def run_evaluation(config: TrainerConfig, manifest) -> str:
   """--mode=eval's output: writes --eval_metrics_file (only that) or returns the JSON."""
-  metrics = evaluate_checkpoint(config, manifest)
+  with process_tempdir(config.model_dir):
+    metrics = evaluate_checkpoint(config, manifest)
   headline = metrics.pop("headline")
   if not config.eval_metrics_file:
     return json.dumps(metrics, indent=1)
@@ -575,4 +598,66 @@ def _next_multiple(step: int, every: int) -> int:
 
 
 def train(config: TrainerConfig, manifest: mf.Manifest) -> RunResult:
-  return Trainer(config, manifest).run()
+  with process_tempdir(config.model_dir):
+    return Trainer(config, manifest).run()
+
+
+PROCESS_TMP_DIR = ".tmp"  # under model_dir: each trainer process's temporary files
+
+
+@contextlib.contextmanager
+def process_tempdir(model_dir: str | Path):
+  """Points Python's temporary files (TensorFlow's autograph writes a module
+  per traced function and removes it only at a clean exit) into
+  model_dir/.tmp/HOST-PID for the run. Directories of processes of this host
+  that are gone (a kill -9) are removed first, so leftovers of a model_dir's
+  runs stay in it and do not accumulate in /tmp. A run that ends removes its own."""
+  root = Path(model_dir).absolute() / PROCESS_TMP_DIR
+  host = socket.gethostname()
+  if root.is_dir():
+    for entry in root.glob(f"{host}-*"):
+      pid = entry.name.rsplit("-", 1)[-1]
+      if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        shutil.rmtree(entry, ignore_errors=True)
+  mine = root / f"{host}-{os.getpid()}"
+  mine.mkdir(parents=True, exist_ok=True)
+  previous = tempfile.tempdir
+  tempfile.tempdir = str(mine)
+  try:
+    yield mine
+  finally:
+    tempfile.tempdir = previous
+    # Modules already loaded need their files no more; a later trace writes new ones.
+    shutil.rmtree(mine, ignore_errors=True)
+    with contextlib.suppress(OSError):
+      root.rmdir()  # only when no other process of the run still has its folder there
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
+def remove_leftovers(model_dir: Path) -> None:
+  """What a killed run of this model_dir left half-written: TensorFlow's
+  checkpoint temporaries (ckpt-N_temp/), this project's atomic-write
+  temporaries (.NAME.tmp-*) and export copies (.export.tmp-*, .export.old-*).
+  Only the writer of model_dir (the run holding its lock) calls this."""
+  checkpoints = model_dir / CHECKPOINT_DIR
+  folders = [model_dir, checkpoints, checkpoints / selection.BEST_DIR]
+  for folder in folders:
+    if not folder.is_dir():
+      continue
+    for stale in [*folder.glob("*_temp"), *folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")]:
+      if folder == model_dir and stale.name.endswith("_temp"):
+        continue  # only checkpoints/ holds TensorFlow's temporaries
+      if stale.is_dir() and not stale.is_symlink():
+        shutil.rmtree(stale, ignore_errors=True)
+      else:
+        stale.unlink(missing_ok=True)
+      logging.info("removed %s, left by a run that was killed", stale)
