@@ -206,6 +206,18 @@ def _with_padding_row(values: np.ndarray, null: np.ndarray | None = None) -> pa.
   return pa.array(values, mask=mask)
 
 
+def _raw_id_column(values: np.ndarray, dictionary: np.ndarray | None,
+                   null: np.ndarray | None = None) -> pa.Array:
+  """Raw ids with a null padding row 0: int64, or the strings the codes stand for."""
+  if dictionary is None:
+    return _with_padding_row(values, null)
+  strings = dictionary[np.asarray(values, dtype=np.int64)] if len(values) else \
+      np.zeros(0, object)
+  if null is not None and null.any():
+    strings = np.where(null, None, strings)
+  return pa.array(np.concatenate([[None], strings]), pa.string())
+
+
 def _nullable(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
   return column.to_numpy(dtype=np.int64, na_value=0), column.isna().to_numpy()
 
@@ -244,9 +256,9 @@ def build_item_vocabulary(log: readers.RawLog, clean: CleanLog,
 
   columns = {
       "index": pa.array(np.arange(len(item_ids) + 1, dtype=np.int32)),
-      "item_id": _with_padding_row(item_ids),
+      "item_id": _raw_id_column(item_ids, log.dictionaries.get("item")),
       "category": pa.array(item_category),
-      "category_id": _with_padding_row(cat_values, cat_null),
+      "category_id": _raw_id_column(cat_values, log.dictionaries.get("category"), cat_null),
   }
   for name in ("created_at_ts", "words_count"):
     columns[name] = _with_padding_row(*_nullable(by_item[name] if name in by_item else empty))
@@ -259,7 +271,7 @@ def build_item_vocabulary(log: readers.RawLog, clean: CleanLog,
   category_names = names.reindex(category_ids)
   categories = pa.table({
       "index": pa.array(np.arange(len(category_ids) + 1, dtype=np.int32)),
-      "category_id": _with_padding_row(category_ids),
+      "category_id": _raw_id_column(category_ids, log.dictionaries.get("category")),
       "name": pa.array(np.concatenate([[None], category_names.to_numpy(dtype=object)]),
                        type=pa.string(), from_pandas=True),
       "num_items": pa.array(np.bincount(item_category[1:], minlength=len(category_ids) + 1)
@@ -283,15 +295,16 @@ def group_users(user_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return user_id[first], np.append(first, len(user_id)).astype(np.int64)
 
 
-def _user_histories_table(seqs: sq.Sequences, holdout: sq.Holdout, user_ids: np.ndarray,
+def _user_histories_table(seqs: sq.Sequences, holdout: sq.Holdout, user_ids: pa.Array,
                           train_mask: np.ndarray) -> pa.Table:
+  """`user_ids`: the raw id of user index 1..U (int64 or string)."""
   offsets = np.concatenate([[0], np.cumsum(holdout.train_end - seqs.starts)])
   # list<> offsets are int32; beyond 2**31 training clicks use large_list<>.
   list_type = pa.ListArray if offsets[-1] < 2**31 else pa.LargeListArray
   list_offsets = pa.array(offsets.astype(np.int32 if list_type is pa.ListArray else np.int64))
   columns = {
       "user": pa.array(np.arange(1, seqs.num_users + 1, dtype=np.int32)),
-      "user_id": pa.array(user_ids.astype(np.int64)),
+      "user_id": user_ids,
       "history": list_type.from_arrays(list_offsets, pa.array(seqs.items[train_mask])),
       "history_ts": list_type.from_arrays(list_offsets, pa.array(seqs.ts[train_mask])),
   }
@@ -470,7 +483,7 @@ def _run_locked(config: PreprocessConfig, output_dir: Path, replaceable: dict) -
 
   users_table = pa.table({
       "index": pa.array(np.arange(len(user_ids) + 1, dtype=np.int32)),
-      "user_id": _with_padding_row(user_ids),
+      "user_id": _raw_id_column(user_ids, log.dictionaries.get("user")),
       "num_clicks": pa.array(np.concatenate([[0], seqs.lengths]).astype(np.int64)),
   })
   examples_per_user = np.bincount(seqs.user_of(targets[mf.TRAIN]), minlength=len(offsets))[1:]
@@ -486,12 +499,14 @@ def _run_locked(config: PreprocessConfig, output_dir: Path, replaceable: dict) -
                    tmp / mf.ITEMS_FILE)
     pq.write_table(users_table, tmp / mf.USERS_FILE)
     pq.write_table(vocab.categories, tmp / mf.CATEGORIES_FILE)
-    pq.write_table(_user_histories_table(seqs, holdout, user_ids, train_mask),
+    pq.write_table(_user_histories_table(seqs, holdout, users_table.column("user_id").slice(1),
+                                         train_mask),
                    tmp / mf.USER_HISTORIES_FILE, row_group_size=mf.USER_HISTORIES_ROW_GROUP)
     splits = _write_splits(tmp, targets, seqs, vocab.item_category, config)
     manifest = mf.Manifest(
         source={"type": config.source, "time_unit": log.time_unit,
-                "inputs": [str(Path(p).absolute()) for p in log.inputs]},
+                "inputs": [str(Path(p).absolute()) for p in log.inputs],
+                "id_types": log.id_types()},
         flags=config.to_dict(),
         max_seq_len=config.max_seq_len,
         samples=config.samples,

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pyarrow.types as patypes
+from absl import logging
 
 from preprocess.errors import DataError
 from preprocess.fileio import os_error_reason
@@ -35,7 +36,12 @@ NEWS_ARTICLE_COLUMNS = ("article_id", "category_id", "created_at_ts", "words_cou
 
 @dataclasses.dataclass
 class RawLog:
-  """A click log in source row order, plus optional item features."""
+  """A click log in source row order, plus optional item features.
+
+  Ids are int64: the raw ids themselves, or for an id kind in `dictionaries`
+  (string ids) the position of the raw id in that kind's sorted dictionary,
+  so sorting and grouping work on integers and keep the raw ids' order.
+  """
   user_id: np.ndarray  # int64
   item_id: np.ndarray  # int64
   ts: np.ndarray  # int64, in `time_unit`
@@ -46,6 +52,80 @@ class RawLog:
   items: pd.DataFrame | None = None
   # category_id (int64) -> name, for sources with named categories.
   category_names: pd.DataFrame | None = None
+  # "user" / "item" / "category" -> sorted raw string ids (object array), for
+  # the kinds whose ids are strings.
+  dictionaries: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def id_types(self) -> dict[str, str]:
+    kinds = ("user", "item") + (("category",) if self.items is not None and
+                                "category_id" in self.items else ())
+    return {kind: "string" if kind in self.dictionaries else "int64" for kind in kinds}
+
+
+# An id that is a canonical int64: no sign but '-', no leading zero, 19 digits at most.
+_CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,18})$"
+
+
+def _encode_ids(cols: list[pa.ChunkedArray], path: Path, name: str, header_lines: int,
+                parquet: bool) -> tuple[list[np.ndarray], np.ndarray | None]:
+  """Id columns that share one vocabulary -> (int64 per column, sorted string
+  dictionary or None). Integers stay integers; a text column is integers only
+  when every value is a canonical integer (`030` beside `30` are two ids),
+  else every value is a string id. Vectorised: one hash encoding, then work
+  on the distinct values only."""
+  for col in cols:
+    if col.null_count:
+      row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+      raise DataError(f"{path}: column {name!r} {_describe_row(row, header_lines, parquet)}: "
+                      "empty value")
+  types = {col.type for col in cols}
+  if all(patypes.is_integer(t) for t in types):
+    out = []
+    for col in cols:
+      if patypes.is_unsigned_integer(col.type) and len(col) and \
+          pc.max(col).as_py() >= 2**63:
+        row = int(np.flatnonzero(col.to_numpy() >= np.uint64(2**63))[0])
+        raise DataError(f"{path}: column {name!r} {_describe_row(row, header_lines, parquet)}: "
+                        f"id {col[row].as_py()} does not fit int64; write the ids as strings")
+      out.append(col.to_numpy().astype(np.int64, copy=False))
+    return out, None
+  if not all(patypes.is_string(t) or patypes.is_large_string(t) for t in types):
+    raise DataError(f"{path}: column {name!r}: ids must be integers or strings, not "
+                    f"{', '.join(sorted(map(str, types)))}")
+  joined = pa.chunked_array([chunk.cast(pa.string()) for col in cols for chunk in col.chunks],
+                            type=pa.string())
+  encoded = joined.combine_chunks().dictionary_encode() if len(joined) else \
+      pa.array([], pa.string()).dictionary_encode()
+  dictionary, codes = encoded.dictionary, encoded.indices.to_numpy(zero_copy_only=False)
+  empty = pc.equal(pc.utf8_length(dictionary), 0).to_numpy(zero_copy_only=False)
+  if empty.any():
+    row = int(np.flatnonzero(codes == np.flatnonzero(empty)[0])[0])
+    raise DataError(f"{path}: column {name!r} {_describe_row(row, header_lines, parquet)}: "
+                    "empty id")
+  canonical = pc.match_substring_regex(dictionary, _CANONICAL_INT).to_numpy(zero_copy_only=False)
+  values = None
+  if canonical.all():
+    try:
+      values = pc.cast(dictionary, pa.int64()).to_numpy()
+    except pa.ArrowInvalid:  # 19 digits beyond int64: strings, exact
+      values = None
+  if values is not None:
+    flat, dictionary_out = values[codes], None
+  else:
+    order = pc.sort_indices(dictionary).to_numpy()
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    flat = rank[codes]
+    dictionary_out = dictionary.take(pa.array(order)).to_numpy(zero_copy_only=False)
+    integers = int(canonical.sum())
+    logging.info("%s: column %r holds string ids (%d distinct%s)", path, name, len(order),
+                 f"; {integers} of them look like integers and are read as strings too"
+                 if integers else "")
+  out, start = [], 0
+  for col in cols:
+    out.append(flat[start:start + len(col)])
+    start += len(col)
+  return out, dictionary_out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +179,11 @@ def _require_file(path: Path, what: str) -> Path:
 
 
 def _read_csv(path: Path, columns: tuple[str, ...], delimiter: str = ",",
-              column_names: tuple[str, ...] = ()) -> tuple[pa.Table, int]:
-  """Reads `columns` of a delimited file; returns the table and header line count."""
+              column_names: tuple[str, ...] = (),
+              text_columns: tuple[str, ...] = ()) -> tuple[pa.Table, int]:
+  """Reads `columns` of a delimited file; returns the table and header line count.
+  `text_columns` are read as text, whatever they look like (ids: `030` must
+  not become 30)."""
   read_options = pacsv.ReadOptions(column_names=list(column_names) or None,
                                    block_size=1 << 22)
   parse_options = pacsv.ParseOptions(delimiter=delimiter)
@@ -117,7 +200,9 @@ def _read_csv(path: Path, columns: tuple[str, ...], delimiter: str = ",",
   try:
     # Streaming keeps a few blocks in memory instead of the whole parsed file.
     with pacsv.open_csv(path, read_options=read_options, parse_options=parse_options,
-                        convert_options=pacsv.ConvertOptions(include_columns=list(columns))
+                        convert_options=pacsv.ConvertOptions(
+                            include_columns=list(columns),
+                            column_types={c: pa.string() for c in text_columns})
                         ) as reader:
       table = pa.Table.from_batches(list(reader), schema=reader.schema)
   except pa.ArrowInvalid:
@@ -233,11 +318,13 @@ def read_sasrec_txt(path: Path) -> RawLog:
   path = Path(path)
   if not path.is_file():
     raise DataError(f"{path}: file not found")
-  table, _ = _read_csv(path, ("user", "item"), delimiter=" ", column_names=("user", "item"))
-  user = _column_to_int64(table.column("user"), path, "user", 0)
-  item = _column_to_int64(table.column("item"), path, "item", 0)
+  table, _ = _read_csv(path, ("user", "item"), delimiter=" ", column_names=("user", "item"),
+                       text_columns=("user", "item"))
+  dictionaries = {}
+  (user,), dictionaries["user"] = _encode_ids([table.column("user")], path, "user", 0, False)
+  (item,), dictionaries["item"] = _encode_ids([table.column("item")], path, "item", 0, False)
   return RawLog(user, item, np.arange(len(user), dtype=np.int64), "order", [str(path)],
-                str(path))
+                str(path), dictionaries={k: v for k, v in dictionaries.items() if v is not None})
 
 
 def _time_column_to_int64(col: pa.ChunkedArray, path: Path, name: str, header_lines: int,
@@ -273,12 +360,17 @@ def read_csv_source(path: Path, options: CsvOptions) -> RawLog:
   columns = tuple(c for c in (options.user_col, options.item_col, options.time_col,
                               options.category_col) if c)
   parquet = path.suffix in (".parquet", ".pq")
+  id_columns = tuple(c for c in (options.user_col, options.item_col, options.category_col) if c)
   if parquet:
     table, header = _read_parquet(path, columns), 0
   else:
-    table, header = _read_csv(path, columns, options.delimiter, options.column_names)
-  user = _column_to_int64(table.column(options.user_col), path, options.user_col, header, parquet)
-  item = _column_to_int64(table.column(options.item_col), path, options.item_col, header, parquet)
+    table, header = _read_csv(path, columns, options.delimiter, options.column_names,
+                              text_columns=id_columns)
+  dictionaries = {}
+  (user,), dictionaries["user"] = _encode_ids([table.column(options.user_col)], path,
+                                              options.user_col, header, parquet)
+  (item,), dictionaries["item"] = _encode_ids([table.column(options.item_col)], path,
+                                              options.item_col, header, parquet)
   if options.time_col:
     ts = _time_column_to_int64(table.column(options.time_col), path, options.time_col, header,
                                options.time_unit, parquet)
@@ -287,15 +379,16 @@ def read_csv_source(path: Path, options: CsvOptions) -> RawLog:
     ts, time_unit = np.arange(len(user), dtype=np.int64), "order"
   items = None
   if options.category_col:
-    category = _column_to_int64(table.column(options.category_col), path, options.category_col,
-                                header, parquet)
+    (category,), dictionaries["category"] = _encode_ids(
+        [table.column(options.category_col)], path, options.category_col, header, parquet)
     # An item's category is its most frequent value in the log (ties: smallest id).
     pairs = pd.DataFrame({"item_id": item, "category_id": category})
     counts = pairs.value_counts().reset_index(name="n")
     counts = counts.sort_values(["item_id", "n", "category_id"], ascending=[True, False, True])
     items = counts.drop_duplicates("item_id")[["item_id", "category_id"]].reset_index(drop=True)
     items["category_id"] = items["category_id"].astype("Int64")
-  return RawLog(user, item, ts, time_unit, [str(path)], str(path), items=items)
+  return RawLog(user, item, ts, time_unit, [str(path)], str(path), items=items,
+                dictionaries={k: v for k, v in dictionaries.items() if v is not None})
 
 
 def read_source(source: str, input_path: Path | str, csv_options: CsvOptions | None = None,

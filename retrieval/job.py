@@ -2,10 +2,12 @@
 
   output_dir/
     job.json                       the settings every worker and re-run must share
-    index/items.faiss              FAISS index (IndexIDMap2, labels = raw item ids)
+    index/items.faiss              FAISS index (IndexIDMap2; labels = raw item ids, or the item
+                                   indices of vocab/items.parquet when the ids are strings)
     index/index_info.json          what was built, from which export
     candidates/part-WWWWW-of-NNNNN-BBBBBB.parquet
-                                   user_id, article_id (raw ids), recall_score (float32),
+                                   user_id, article_id (raw ids, int64 or string as in the
+                                   data's vocabularies), recall_score (float32),
                                    recall_rank (1-based); one file per batch of users
     _SUCCESS-WWWWW-of-NNNNN.json   worker W finished: its counts and metric sums
     _SUCCESS, metrics.json         written once every worker has finished
@@ -74,8 +76,12 @@ INDEX_LOCK = ".lock-index"
 # How long a worker waits for another job's exclusive hold (replacing its
 # output: deletions only) before it reports the directory as busy.
 CLAIM_WAIT_SECONDS = 60.0
-CANDIDATE_SCHEMA = pa.schema([("user_id", pa.int64()), ("article_id", pa.int64()),
-                              ("recall_score", pa.float32()), ("recall_rank", pa.int32())])
+
+
+def candidate_schema(user_type: pa.DataType, item_type: pa.DataType) -> pa.Schema:
+  """A candidate part's columns; the id types are the vocabularies' raw types."""
+  return pa.schema([("user_id", user_type), ("article_id", item_type),
+                    ("recall_score", pa.float32()), ("recall_rank", pa.int32())])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,12 +301,13 @@ def _write_part(path: Path, queries, result, users, items, stats) -> None:
   topk = result.items.shape[1]
   mask = np.arange(topk)[None, :] < result.counts[:, None]
   row = np.repeat(np.arange(len(queries)), result.counts)
+  schema = candidate_schema(users.arrow_type, items.arrow_type)
   table = pa.table({
-      "user_id": pa.array(users.to_raw(queries.user)[row], pa.int64()),
-      "article_id": pa.array(items.to_raw(result.items[mask]), pa.int64()),
+      "user_id": users.to_arrow(queries.user[row]),
+      "article_id": items.to_arrow(result.items[mask]),
       "recall_score": pa.array(result.scores[mask], pa.float32()),
       "recall_rank": pa.array(np.nonzero(mask)[1].astype(np.int32) + 1, pa.int32()),
-  }, schema=CANDIDATE_SCHEMA.with_metadata({STATS_KEY: json.dumps(stats).encode()}))
+  }, schema=schema.with_metadata({STATS_KEY: json.dumps(stats).encode()}))
   buffer = pa.BufferOutputStream()  # one batch: bounded, and renamed into place whole
   pq.write_table(table, buffer)
   write_bytes_atomic(path, buffer.getvalue().to_pybytes())
@@ -409,7 +416,8 @@ def _index(config: RetrievalConfig, p: Plan, out: Path, items: Vocabulary, model
   Flat catalogues the normalised vectors for the dense exact search."""
   vectors = tower_lib.load_item_embeddings(Path(config.model_dir), p.info)[1:]
   info = {"spec": dataclasses.asdict(p.spec), **model,
-          "num_items": len(vectors), "dim": int(vectors.shape[1]), "labels": "raw item_id",
+          "num_items": len(vectors), "dim": int(vectors.shape[1]),
+          "labels": "item index" if items.is_string else "raw item_id",
           "metric": "inner product of L2-normalised vectors"}
   directory = out / INDEX_DIR
   # One worker builds, the others wait and load it: every share searches the same index.
@@ -423,7 +431,7 @@ def _index(config: RetrievalConfig, p: Plan, out: Path, items: Vocabulary, model
       logging.info("loaded the index from %s", directory)
     else:
       started = time.perf_counter()
-      index, _ = index_lib.build(vectors, items.raw_ids, p.spec)
+      index, _ = index_lib.build(vectors, items.faiss_labels(), p.spec)
       index_lib.save(index, directory, info)
       logging.info("built %s index over %d items in %.1fs", p.spec.kind, len(vectors),
                    time.perf_counter() - started)
@@ -431,7 +439,7 @@ def _index(config: RetrievalConfig, p: Plan, out: Path, items: Vocabulary, model
     index_lock.close()
   exact = dense = None
   if p.spec.kind != "flat":
-    exact, _ = index_lib.build(vectors, items.raw_ids, index_lib.IndexSpec("flat"))
+    exact, _ = index_lib.build(vectors, items.faiss_labels(), index_lib.IndexSpec("flat"))
   elif len(vectors) <= search_lib.DENSE_MAX_ITEMS:
     # Exact search of a small catalogue: the same vectors the index holds.
     dense = np.ascontiguousarray(vectors, dtype=np.float32).copy()

@@ -39,7 +39,7 @@ def search_unseen(index: faiss.Index, items_vocab: Vocabulary, queries: np.ndarr
                   exclude_seen: bool = True) -> SearchResult:
   """Top-`topk` items per query row, excluding row i's seen items (CSR) if asked.
 
-  The index's labels are raw item ids; `items_vocab` maps them to indices.
+  The index's labels are `items_vocab.faiss_labels()`; `items_vocab` maps them to indices.
   """
   n = len(queries)
   queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -64,7 +64,7 @@ def search_unseen(index: faiss.Index, items_vocab: Vocabulary, queries: np.ndarr
   def run(rows: np.ndarray, k: int) -> None:
     distances, labels = index.search(queries[rows], int(k))
     # FAISS marks "no result" with label -1.
-    found = np.where(labels == -1, 0, items_vocab.lookup(labels)).astype(np.int64)
+    found = np.where(labels == -1, 0, items_vocab.index_of_labels(labels)).astype(np.int64)
     drop = found == 0
     if exclude_seen:
       keys = row_keys(np.repeat(rows, found.shape[1]), found.reshape(-1))

@@ -128,10 +128,43 @@ def test_non_integer_id_names_file_column_and_line(tmp_path, bad, line, what):
   assert what in message
 
 
-def test_sasrec_txt_bad_line_is_named(tmp_path):
-  path = write(tmp_path / "x.txt", "1 10\n1 x7\n")
-  with pytest.raises(DataError, match=r"x\.txt: column 'item' line 2: 'x7' is not an integer"):
-    readers.read_source("sasrec_txt", path)
+def test_string_ids_are_kept_exact_and_sorted_dictionaries_give_the_codes(tmp_path):
+  # "030" beside "30": two items; a column mixing integers and strings is strings.
+  path = write(tmp_path / "x.txt", "u_b B00ABC\nu_b 030\nu_a 30\nu_a B00ABC\n")
+  log = readers.read_source("sasrec_txt", path)
+  assert list(log.dictionaries["user"]) == ["u_a", "u_b"]
+  assert list(log.dictionaries["item"]) == ["030", "30", "B00ABC"]
+  # Codes are positions in the sorted dictionary, row order kept.
+  assert log.user_id.tolist() == [1, 1, 0, 0] and log.item_id.tolist() == [2, 0, 1, 2]
+  assert log.id_types() == {"user": "string", "item": "string"}
+  # Canonical integers stay integers, with no dictionary.
+  ints = readers.read_source("sasrec_txt", write(tmp_path / "i.txt", "5 -3\n5 40\n"))
+  assert ints.dictionaries == {} and ints.item_id.tolist() == [-3, 40]
+
+
+def test_csv_string_ids_with_a_quoted_delimiter_and_string_categories(tmp_path):
+  path = write(tmp_path / "log.csv", 'u,i,t,c\nN1,"a,b",1,x\nN1,B2,2,y\nN2,"a,b",3,x\n')
+  log = readers.read_source("csv", path, readers.CsvOptions("u", "i", "t", category_col="c"))
+  assert list(log.dictionaries["item"]) == ["B2", "a,b"]
+  assert log.item_id.tolist() == [1, 0, 1]
+  assert list(log.dictionaries["category"]) == ["x", "y"]
+  assert log.items.set_index("item_id")["category_id"].to_dict() == {0: 1, 1: 0}
+
+
+def test_an_empty_string_id_is_named(tmp_path):
+  path = write(tmp_path / "log.csv", "u,i,t\nN1,B2,1\nN1,,2\n")
+  with pytest.raises(DataError, match=r"log\.csv: column 'i' line 3: empty"):
+    readers.read_source("csv", path, readers.CsvOptions("u", "i", "t"))
+
+
+def test_uint64_ids_beyond_int64_are_refused_not_wrapped(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  path = tmp_path / "log.parquet"
+  pq.write_table(pa.table({"u": pa.array([1, 2], pa.uint64()),
+                           "i": pa.array([5, 2**63 + 7], pa.uint64())}), path)
+  with pytest.raises(DataError, match=r"column 'i' row 2: id 9223372036854775815 does not fit"):
+    readers.read_source("csv", path, readers.CsvOptions("u", "i"))
 
 
 def test_empty_log_is_refused(tmp_path):

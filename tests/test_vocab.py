@@ -1,4 +1,5 @@
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from preprocess import manifest as mf
@@ -36,3 +37,18 @@ def test_vocabularies_written_by_preprocess_round_trip(tiny_data):
   np.testing.assert_array_equal(items.lookup(items.to_raw(all_items)), all_items)
   # Raw user ids of the tiny preset are 0..299, sorted into indices 1..300.
   np.testing.assert_array_equal(users.to_raw([1, 300]), [0, 299])
+
+
+def test_string_vocabulary_lookup_labels_and_arrow_type():
+  vocab = Vocabulary(np.array(["B00X", "N12", "030"], dtype=object), name="items")
+  assert vocab.is_string and vocab.arrow_type == pa.string()
+  assert vocab.lookup(["030", "nope", "B00X"]).tolist() == [3, 0, 1]
+  assert vocab.to_arrow([2, 3]).to_pylist() == ["N12", "030"]
+  # FAISS labels are int64: the indices for string ids, and they map back.
+  assert vocab.faiss_labels().tolist() == [1, 2, 3]
+  assert vocab.index_of_labels([[3, -1], [1, 7]]).tolist() == [[3, 0], [1, 0]]
+  ints = Vocabulary(np.array([30, 10]))
+  assert ints.faiss_labels().tolist() == [30, 10]
+  assert ints.index_of_labels([10, -1]).tolist() == [2, 0]
+  with pytest.raises(ValueError, match="raw id 'N12' appears twice"):
+    Vocabulary(np.array(["N12", "N12"], dtype=object))

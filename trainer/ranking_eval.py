@@ -110,8 +110,8 @@ def write_reranked(manifest: mf.RankingManifest, p: dict[str, np.ndarray],
   items = Vocabulary.from_parquet(manifest.path(mf.ITEMS_FILE), "item_id")
   users = Vocabulary.from_parquet(manifest.path(mf.USERS_FILE), "user_id")
   table = pa.table({
-      "user_id": pa.array(users.to_raw(p["user"][order]), pa.int64()),
-      "article_id": pa.array(items.to_raw(p["candidate"][order]), pa.int64()),
+      "user_id": users.to_arrow(p["user"][order]),
+      "article_id": items.to_arrow(p["candidate"][order]),
       "rank_score": pa.array(probability[order], pa.float32()),
       "rank": pa.array(position[order], pa.int32()),
       "recall_score": pa.array(p["recall_score"][order], pa.float32()),
