@@ -4,6 +4,10 @@
   preprocess --source=sasrec_txt --input=ml-1m.txt.gz --output_dir=OUT --holdout=valid_test
   preprocess --source=movielens --input=ratings.dat --output_dir=OUT
   preprocess --source=csv --input=log.csv --user_col=u --item_col=i --time_col=t --output_dir=OUT
+  preprocess --source=sequences --input=Yelp.txt --output_dir=OUT    # `user item1 item2 ...`
+  preprocess --source=recbole --input=ml-1m.inter --output_dir=OUT   # RecBole atomic file
+  preprocess --source=jsonl --input=reviews.json.gz --user_col=reviewerID --item_col=asin \
+      --time_col=unixReviewTime --output_dir=OUT                     # JSON lines
 
   preprocess --mode=ranking --data_dir=OUT --candidates=CANDS_VALID,CANDS_TEST \
       --output_dir=RANK_OUT          # retrieval candidates -> ranking examples (ranking.py)
@@ -47,13 +51,15 @@ flags.DEFINE_integer("num_workers", 0, "Processes writing shards in parallel (0:
                      "core); the output does not depend on it.")
 flags.DEFINE_string("movies", "", "movielens: movies.dat for categories (default: next to "
                     "the ratings file, if present).")
-flags.DEFINE_string("user_col", "", "csv: user id column.")
-flags.DEFINE_string("item_col", "", "csv: item id column.")
-flags.DEFINE_string("time_col", "", "csv: time column (integer or date); empty: row order.")
-flags.DEFINE_string("category_col", "", "csv: optional item category column.")
+flags.DEFINE_string("user_col", "", "csv, jsonl, recbole: user id column (recbole: user_id).")
+flags.DEFINE_string("item_col", "", "csv, jsonl, recbole: item id column (recbole: item_id).")
+flags.DEFINE_string("time_col", "", "csv, jsonl, recbole: time column (integer or date; "
+                    "recbole: timestamp); empty: row order.")
+flags.DEFINE_string("category_col", "", "csv, jsonl, recbole: optional item category column.")
 flags.DEFINE_string("delimiter", ",", "csv: field delimiter ('\\t' or 'tab' for tabs).")
 flags.DEFINE_list("column_names", [], "csv: column names for a file without a header line.")
-flags.DEFINE_enum("time_unit", "s", list(readers.TIME_UNITS), "csv: unit of --time_col.")
+flags.DEFINE_enum("time_unit", "s", list(readers.TIME_UNITS),
+                  "csv, jsonl, recbole: unit of --time_col.")
 flags.DEFINE_string("data_dir", None, "ranking: the preprocess output the candidates came from.")
 flags.DEFINE_list("candidates", [], "ranking: retrieval output directories; --holdout=valid_test "
                   "data needs the valid and the test lists, --holdout=last the valid lists.")
@@ -74,10 +80,12 @@ flags.DEFINE_float("eval_users_fraction", _R.eval_users_fraction,
 def config_from_flags() -> pipeline.PreprocessConfig:
   delimiter = {"\\t": "\t", "tab": "\t"}.get(FLAGS.delimiter, FLAGS.delimiter)
   csv = None
-  if FLAGS.source == "csv":
+  if FLAGS.source in readers.COLUMN_SOURCES:
+    columns = {name: getattr(FLAGS, name) for name in ("user_col", "item_col", "time_col")}
+    if FLAGS.source == "recbole":  # RecBole's field names unless the flags say otherwise
+      columns = {name: value or readers.RECBOLE_DEFAULTS[name] for name, value in columns.items()}
     csv = readers.CsvOptions(
-        user_col=FLAGS.user_col, item_col=FLAGS.item_col, time_col=FLAGS.time_col,
-        category_col=FLAGS.category_col, delimiter=delimiter,
+        **columns, category_col=FLAGS.category_col, delimiter=delimiter,
         column_names=tuple(FLAGS.column_names), time_unit=FLAGS.time_unit)
   return pipeline.PreprocessConfig(
       source=FLAGS.source, input=FLAGS.input or "", output_dir=FLAGS.output_dir or "",

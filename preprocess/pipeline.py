@@ -83,9 +83,9 @@ class PreprocessConfig:
         raise ValueError(f"--{name}={getattr(self, name)}: must be >= 0")
     if self.num_shards < 1:
       raise ValueError(f"--num_shards={self.num_shards}: must be >= 1")
-    if self.source == "csv":
+    if self.source in readers.COLUMN_SOURCES:
       if self.csv is None or not self.csv.user_col or not self.csv.item_col:
-        raise ValueError("--source=csv needs --user_col and --item_col")
+        raise ValueError(f"--source={self.source} needs --user_col and --item_col")
       if self.csv.time_unit not in readers.TIME_UNITS:
         raise ValueError(f"--time_unit={self.csv.time_unit!r}: choose from "
                          f"{', '.join(readers.TIME_UNITS)}")

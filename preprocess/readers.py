@@ -10,6 +10,7 @@ the pipeline uses it to break timestamp ties, so equal times keep file order.
 """
 
 import dataclasses
+import gzip
 import zlib
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import pyarrow.types as patypes
 from absl import logging
@@ -25,7 +27,11 @@ from absl import logging
 from preprocess.errors import DataError
 from preprocess.fileio import os_error_reason
 
-SOURCES = ("news", "movielens", "sasrec_txt", "csv")
+SOURCES = ("news", "movielens", "sasrec_txt", "csv", "sequences", "recbole", "jsonl")
+# Sources whose columns are named by CsvOptions (--user_col, --item_col, ...).
+COLUMN_SOURCES = ("csv", "recbole", "jsonl")
+# RecBole's default field names (its USER_ID_FIELD, ITEM_ID_FIELD, TIME_FIELD).
+RECBOLE_DEFAULTS = {"user_col": "user_id", "item_col": "item_id", "time_col": "timestamp"}
 TIME_UNITS = ("ms", "s", "order")
 
 NEWS_CLICKS = "train_click_log.csv"
@@ -179,13 +185,13 @@ def _require_file(path: Path, what: str) -> Path:
 
 
 def _read_csv(path: Path, columns: tuple[str, ...], delimiter: str = ",",
-              column_names: tuple[str, ...] = (),
-              text_columns: tuple[str, ...] = ()) -> tuple[pa.Table, int]:
+              column_names: tuple[str, ...] = (), text_columns: tuple[str, ...] = (),
+              skip_rows: int = 0) -> tuple[pa.Table, int]:
   """Reads `columns` of a delimited file; returns the table and header line count.
   `text_columns` are read as text, whatever they look like (ids: `030` must
   not become 30)."""
   read_options = pacsv.ReadOptions(column_names=list(column_names) or None,
-                                   block_size=1 << 22)
+                                   block_size=1 << 22, skip_rows=skip_rows)
   parse_options = pacsv.ParseOptions(delimiter=delimiter)
   try:
     with pacsv.open_csv(path, read_options=read_options, parse_options=parse_options) as reader:
@@ -215,7 +221,7 @@ def _read_csv(path: Path, columns: tuple[str, ...], delimiter: str = ",",
                                  column_types={c: pa.string() for c in columns}))
     except pa.ArrowInvalid as e:
       raise DataError(f"{path}: cannot parse ({e})") from e
-  return table, 0 if column_names else 1
+  return table, skip_rows if column_names else 1
 
 
 def _read_parquet(path: Path, columns: tuple[str, ...]) -> pa.Table:
@@ -313,6 +319,135 @@ def _read_movies(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
   return _check_unique_items(items, path, 0), category_names
 
 
+def _read_lines(path: Path) -> pa.Array:
+  """Every line of a text file as a string (empty lines kept, so row r is line r + 1)."""
+  read_options = pacsv.ReadOptions(column_names=["line"], block_size=1 << 22)
+  # A delimiter and no quoting that never split a line: each line is one field.
+  parse_options = pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False,
+                                     ignore_empty_lines=False)
+  try:
+    table = pacsv.read_csv(path, read_options=read_options, parse_options=parse_options,
+                           convert_options=pacsv.ConvertOptions(column_types={"line": pa.string()}))
+  except pa.ArrowInvalid as e:
+    if "Empty CSV file" in str(e):
+      raise DataError(f"{path}: file is empty") from e
+    raise DataError(f"{path}: cannot parse ({e})") from e
+  return pc.fill_null(table.column("line").combine_chunks(), "")
+
+
+def read_sequences(path: Path) -> RawLog:
+  """One user per line, `user item1 item2 ...` in time order (the S3-Rec,
+  ICLRec and DuoRec releases); whitespace separated, order is the clock."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: file not found")
+  lines = pc.utf8_trim_whitespace(_read_lines(path))
+  tokens = pc.utf8_split_whitespace(lines)
+  count = pc.list_value_length(tokens).to_numpy(zero_copy_only=False).copy()
+  count[pc.equal(lines, "").to_numpy(zero_copy_only=False)] = 0  # a blank line
+  lonely = np.flatnonzero(count == 1)
+  if len(lonely):
+    raise DataError(f"{path}: line {lonely[0] + 1}: a user ({tokens[int(lonely[0])][0]}) and no "
+                    "items")
+  tokens = tokens.filter(pa.array(count > 1))  # blank lines carry nothing
+  users = pc.list_element(tokens, 0)
+  items = pc.list_flatten(pc.list_slice(tokens, 1))
+  owner = pc.list_parent_indices(pc.list_slice(tokens, 1)).to_numpy()
+  line_of_user = np.flatnonzero(count > 1)
+  dictionaries = {}
+  (user,), dictionaries["user"] = _encode_ids([pa.chunked_array([users])], path, "user", 0,
+                                              False)
+  (item,), dictionaries["item"] = _encode_ids([pa.chunked_array([items])], path, "item", 0,
+                                              False)
+  if len(np.unique(user)) != len(user):
+    first, again = _first_repeat(user)
+    raise DataError(f"{path}: line {line_of_user[again] + 1}: user {users[again]} already had "
+                    f"line {line_of_user[first] + 1} (one line per user)")
+  return RawLog(user[owner], item, np.arange(len(item), dtype=np.int64), "order", [str(path)],
+                str(path), dictionaries={k: v for k, v in dictionaries.items() if v is not None})
+
+
+def _first_repeat(values: np.ndarray) -> tuple[int, int]:
+  """Positions (first, second) of the earliest value seen twice."""
+  order = np.argsort(values, kind="stable")
+  same = np.flatnonzero(values[order][1:] == values[order][:-1])
+  seconds = order[same + 1]
+  k = int(np.argmin(seconds))
+  return int(order[same[k]]), int(seconds[k])
+
+
+def read_recbole(path: Path, options: CsvOptions) -> RawLog:
+  """A RecBole atomic `.inter` file: tab separated, a `name:type` header
+  (`user_id:token`, `timestamp:float`, ...). Token fields are ids (integers or
+  strings), float times are seconds."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: file not found")
+  header = _read_lines_head(path)
+  fields = header.split("\t")
+  untyped = [f for f in fields if ":" not in f]
+  if untyped:
+    raise DataError(f"{path}: line 1: header field {untyped[0]!r} has no type (RecBole "
+                    "headers are name:type, e.g. user_id:token)")
+  names = tuple(f.split(":", 1)[0] for f in fields)
+  wanted = {c for c in (options.user_col, options.item_col, options.time_col,
+                        options.category_col) if c}
+  missing = sorted(wanted - set(names))
+  if missing:
+    raise DataError(f"{path}: no field(s) {missing} in the header ({', '.join(fields)})")
+  renamed = dataclasses.replace(options, delimiter="\t", column_names=names)
+  log = _read_columns(path, renamed, skip_header=True)
+  return log
+
+
+def _read_lines_head(path: Path) -> str:
+  with pa.input_stream(str(path), compression="detect") as stream:
+    first = stream.read(1 << 16).decode("utf-8", errors="replace")
+  return first.split("\n", 1)[0].rstrip("\r")
+
+
+def read_jsonl(path: Path, options: CsvOptions) -> RawLog:
+  """JSON lines with the fields --user_col, --item_col, --time_col (e.g. the
+  Amazon review dumps: reviewerID, asin, unixReviewTime)."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: file not found")
+  wanted = [c for c in (options.user_col, options.item_col, options.time_col,
+                        options.category_col) if c]
+  try:
+    table = pajson.read_json(path, read_options=pajson.ReadOptions(block_size=1 << 22))
+  except pa.ArrowInvalid as e:
+    raise DataError(f"{path}: {_json_error(path, e)}") from None
+  missing = [c for c in wanted if c not in table.column_names]
+  if missing:
+    raise DataError(f"{path}: no field(s) {missing} in the JSON objects (they have "
+                    f"{table.column_names[:20]})")
+  table = table.select(wanted)
+  for name in (options.user_col, options.item_col, options.category_col):
+    if name and patypes.is_floating(table.column(name).type):
+      raise DataError(f"{path}: field {name!r}: ids are numbers with a fraction; ids must be "
+                      "integers or strings")
+  return _log_from_table(table, path, options, header=0, parquet=False)  # row r: line r + 1
+
+
+def _json_error(path: Path, error: Exception) -> str:
+  """Which line does not parse: pyarrow names a row within a block only, so
+  the lines are checked one by one on this (error) path."""
+  import json as json_lib
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        value = json_lib.loads(line)
+      except ValueError as e:
+        return f"line {number}: not JSON ({e.args[0] if e.args else e})"
+      if not isinstance(value, dict):
+        return f"line {number}: not a JSON object"
+  return f"cannot parse ({error})"
+
+
 def read_sasrec_txt(path: Path) -> RawLog:
   """`user item` per line, chronological within each user; order is the clock."""
   path = Path(path)
@@ -349,6 +484,12 @@ def _time_column_to_int64(col: pa.ChunkedArray, path: Path, name: str, header_li
     since_epoch = parsed - pd.Timestamp("1970-01-01", tz="UTC")
     ns = since_epoch.to_numpy(dtype="timedelta64[ns]").astype(np.int64)
     return ns // (1_000_000 if time_unit == "ms" else 1_000_000_000)
+  if patypes.is_floating(col.type):  # RecBole's timestamp:float; fractions of the unit drop
+    if col.null_count:
+      row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+      raise DataError(f"{path}: column {name!r} "
+                      f"{_describe_row(row, header_lines, parquet)}: empty value")
+    return np.floor(col.to_numpy()).astype(np.int64)
   return _column_to_int64(col, path, name, header_lines, parquet)
 
 
@@ -357,6 +498,10 @@ def read_csv_source(path: Path, options: CsvOptions) -> RawLog:
   path = Path(path)
   if not path.is_file():
     raise DataError(f"{path}: file not found")
+  return _read_columns(path, options)
+
+
+def _read_columns(path: Path, options: CsvOptions, skip_header: bool = False) -> RawLog:
   columns = tuple(c for c in (options.user_col, options.item_col, options.time_col,
                               options.category_col) if c)
   parquet = path.suffix in (".parquet", ".pq")
@@ -365,7 +510,13 @@ def read_csv_source(path: Path, options: CsvOptions) -> RawLog:
     table, header = _read_parquet(path, columns), 0
   else:
     table, header = _read_csv(path, columns, options.delimiter, options.column_names,
-                              text_columns=id_columns)
+                              text_columns=id_columns, skip_rows=int(skip_header))
+  return _log_from_table(table, path, options, header, parquet)
+
+
+def _log_from_table(table: pa.Table, path: Path, options: CsvOptions, header: int,
+                    parquet: bool) -> RawLog:
+  """The named columns of a table -> RawLog (ids encoded, times parsed)."""
   dictionaries = {}
   (user,), dictionaries["user"] = _encode_ids([table.column(options.user_col)], path,
                                               options.user_col, header, parquet)
@@ -412,10 +563,13 @@ def _read_source(source: str, input_path: Path, csv_options: CsvOptions | None,
     log = read_movielens(input_path, Path(movies_path) if movies_path else None)
   elif source == "sasrec_txt":
     log = read_sasrec_txt(input_path)
-  elif source == "csv":
+  elif source == "sequences":
+    log = read_sequences(input_path)
+  elif source in COLUMN_SOURCES:
     if csv_options is None:
-      raise ValueError("--source=csv needs CsvOptions")
-    log = read_csv_source(input_path, csv_options)
+      raise ValueError(f"--source={source} needs CsvOptions")
+    reader = {"csv": read_csv_source, "recbole": read_recbole, "jsonl": read_jsonl}[source]
+    log = reader(input_path, csv_options)
   else:
     raise ValueError(f"unknown source {source!r}; choose from {SOURCES}")
   if len(log.user_id) == 0:

@@ -37,12 +37,12 @@ def test_bad_flags_fail_with_one_line(tiny_news_dir, tmp_path, flag, message):
 
 
 def test_bad_input_fails_with_one_line_naming_the_file(tmp_path):
-  (tmp_path / "log.txt").write_text("1 2\n1 x\n")
+  (tmp_path / "log.txt").write_text("1 2\n1 \n")  # string ids are fine, an empty one is not
   result = run("preprocess.main", "--source=sasrec_txt", f"--input={tmp_path / 'log.txt'}",
                f"--output_dir={tmp_path / 'out'}")
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      f"preprocess: error: {tmp_path / 'log.txt'}: column 'item' line 2: 'x' is not an integer")
+      f"preprocess: error: {tmp_path / 'log.txt'}: column 'item' line 2: empty id")
   assert not (tmp_path / "out").exists()
 
 

@@ -213,3 +213,75 @@ def test_a_gzip_file_cut_short_is_named(tmp_path, source, name, line):
   options = readers.CsvOptions(user_col="user", item_col="item", time_col="ts")
   with pytest.raises(DataError, match=rf"^{path}: cannot read it \(.*\); is the file complete"):
     readers.read_source(source, path, options)
+
+
+def test_sequences_reader_one_user_per_line(tmp_path):
+  path = write(tmp_path / "Yelp.txt.gz", "u7 B1 B2 B3\n\nu2 B2  B9\n", compress=True)
+  log = readers.read_source("sequences", path)
+  users, items = log.dictionaries["user"], log.dictionaries["item"]
+  assert list(zip(users[log.user_id], items[log.item_id])) == [
+      ("u7", "B1"), ("u7", "B2"), ("u7", "B3"), ("u2", "B2"), ("u2", "B9")]
+  assert log.ts.tolist() == [0, 1, 2, 3, 4] and log.time_unit == "order"
+  ints = readers.read_source("sequences", write(tmp_path / "i.txt", "1 10 11\n2 10\n"))
+  assert ints.user_id.tolist() == [1, 1, 2] and ints.item_id.tolist() == [10, 11, 10]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("u1 a b\nu2\n", r"line 2: a user \(u2\) and no items"),
+    ("u1 a b\nu2 c\nu1 d\n", r"line 3: user u1 already had line 1"),
+])
+def test_sequences_reader_bad_lines_are_named(tmp_path, text, message):
+  path = write(tmp_path / "s.txt", text)
+  with pytest.raises(DataError, match=rf"s\.txt: {message}"):
+    readers.read_source("sequences", path)
+
+
+RECBOLE = ("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+           "196\t242\t3\t881250949\n196\tB07\t4\t881250950.7\n22\t242\t1\t875747190\n")
+
+
+def test_recbole_reader_named_typed_header(tmp_path):
+  path = write(tmp_path / "ml.inter", RECBOLE)
+  options = readers.CsvOptions(**readers.RECBOLE_DEFAULTS)
+  log = readers.read_source("recbole", path, options)
+  # item_id mixes 242 and B07: read as strings; user ids are integers.
+  assert log.user_id.tolist() == [196, 196, 22]
+  assert list(log.dictionaries["item"][log.item_id]) == ["242", "B07", "242"]
+  assert log.ts.tolist() == [881250949, 881250950, 875747190] and log.time_unit == "s"
+
+
+def test_recbole_header_without_types_is_refused(tmp_path):
+  path = write(tmp_path / "ml.inter", "user_id\titem_id:token\n1\t2\n")
+  with pytest.raises(DataError, match=r"ml\.inter: line 1: header field 'user_id' has no type"):
+    readers.read_source("recbole", path, readers.CsvOptions(**readers.RECBOLE_DEFAULTS))
+
+
+AMAZON = ('{"reviewerID": "A2", "asin": "B0001", "unixReviewTime": 1400000100, "overall": 5}\n'
+          '{"reviewerID": "A1", "asin": "B0002", "unixReviewTime": 1400000000}\n'
+          '{"reviewerID": "A2", "asin": "B0002", "unixReviewTime": 1400000000}\n')
+
+
+def test_jsonl_reader_amazon_fields(tmp_path):
+  path = write(tmp_path / "reviews.json.gz", AMAZON, compress=True)
+  options = readers.CsvOptions("reviewerID", "asin", "unixReviewTime")
+  log = readers.read_source("jsonl", path, options)
+  assert list(log.dictionaries["user"][log.user_id]) == ["A2", "A1", "A2"]
+  assert list(log.dictionaries["item"][log.item_id]) == ["B0001", "B0002", "B0002"]
+  assert log.ts.tolist() == [1400000100, 1400000000, 1400000000]
+
+
+@pytest.mark.parametrize("text, message", [
+    (AMAZON + '{"reviewerID": "A3", "asin": \n', r"line 4: not JSON"),
+    ('{"reviewerID": "A3"}\n', r"no field\(s\) \['asin', 'unixReviewTime'\]"),
+])
+def test_jsonl_bad_input_is_named(tmp_path, text, message):
+  path = write(tmp_path / "r.json", text)
+  with pytest.raises(DataError, match=rf"r\.json: {message}"):
+    readers.read_source("jsonl", path, readers.CsvOptions("reviewerID", "asin", "unixReviewTime"))
+
+
+def test_bytes_that_are_not_utf8_are_named(tmp_path):
+  path = tmp_path / "log.csv"
+  path.write_bytes(b"u,i,t\nA,B\xff\xfe,1\n")
+  with pytest.raises(DataError, match=r"log\.csv: "):
+    readers.read_source("csv", path, readers.CsvOptions("u", "i", "t"))
