@@ -60,6 +60,9 @@ flags.DEFINE_string("delimiter", ",", "csv: field delimiter ('\\t' or 'tab' for 
 flags.DEFINE_list("column_names", [], "csv: column names for a file without a header line.")
 flags.DEFINE_enum("time_unit", "s", list(readers.TIME_UNITS),
                   "csv, jsonl, recbole: unit of --time_col.")
+flags.DEFINE_string("time_format", "", "csv, jsonl: strftime format of a date --time_col (e.g. "
+                    "%d/%m/%Y); empty: ISO 8601 or one format inferred from the whole column, "
+                    "refused when day/month order cannot be told.")
 flags.DEFINE_string("data_dir", None, "ranking: the preprocess output the candidates came from.")
 flags.DEFINE_list("candidates", [], "ranking: retrieval output directories; --holdout=valid_test "
                   "data needs the valid and the test lists, --holdout=last the valid lists.")
@@ -86,7 +89,8 @@ def config_from_flags() -> pipeline.PreprocessConfig:
       columns = {name: value or readers.RECBOLE_DEFAULTS[name] for name, value in columns.items()}
     csv = readers.CsvOptions(
         **columns, category_col=FLAGS.category_col, delimiter=delimiter,
-        column_names=tuple(FLAGS.column_names), time_unit=FLAGS.time_unit)
+        column_names=tuple(FLAGS.column_names), time_unit=FLAGS.time_unit,
+        time_format=FLAGS.time_format)
   return pipeline.PreprocessConfig(
       source=FLAGS.source, input=FLAGS.input or "", output_dir=FLAGS.output_dir or "",
       overwrite=FLAGS.overwrite, max_seq_len=FLAGS.max_seq_len, samples=FLAGS.samples,

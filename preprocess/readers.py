@@ -144,6 +144,7 @@ class CsvOptions:
   delimiter: str = ","
   column_names: tuple[str, ...] = ()  # for files without a header line
   time_unit: str = "s"
+  time_format: str = ""  # strftime format of date strings; "": one format inferred per column
 
 
 def _describe_row(row: int, header_lines: int, parquet: bool) -> str:
@@ -161,6 +162,12 @@ def _column_to_int64(col: pa.ChunkedArray, path: Path, name: str, header_lines: 
                     "empty value")
   if patypes.is_integer(col.type):
     return col.to_numpy().astype(np.int64, copy=False)
+  if patypes.is_string(col.type):
+    empty = pc.equal(col, "").to_numpy(zero_copy_only=False)
+    if empty.any():
+      row = int(np.flatnonzero(empty)[0])
+      raise DataError(f"{path}: column {name!r} {_describe_row(row, header_lines, parquet)}: "
+                      "empty value")
   try:  # exact: strings are parsed, floats must be integral
     return pc.cast(col, pa.int64()).to_numpy()
   except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
@@ -243,10 +250,13 @@ def read_news(input_dir: Path) -> RawLog:
                     f"{NEWS_CLICKS} and {NEWS_ARTICLES}")
   clicks_path = _require_file(input_dir / NEWS_CLICKS, "click log")
   articles_path = _require_file(input_dir / NEWS_ARTICLES, "articles file")
-  clicks, header = _read_csv(clicks_path, NEWS_CLICK_COLUMNS)
+  # Ids as text, so that an error quotes the file (not a float pyarrow made of it).
+  clicks, header = _read_csv(clicks_path, NEWS_CLICK_COLUMNS,
+                             text_columns=("user_id", "click_article_id"))
   user, item, ts = (_column_to_int64(clicks.column(c), clicks_path, c, header)
                     for c in NEWS_CLICK_COLUMNS)
-  articles, a_header = _read_csv(articles_path, NEWS_ARTICLE_COLUMNS)
+  articles, a_header = _read_csv(articles_path, NEWS_ARTICLE_COLUMNS,
+                                 text_columns=("article_id", "category_id"))
   items = pd.DataFrame({
       "item_id": _column_to_int64(articles.column("article_id"), articles_path, "article_id",
                                   a_header),
@@ -462,8 +472,61 @@ def read_sasrec_txt(path: Path) -> RawLog:
                 str(path), dictionaries={k: v for k, v in dictionaries.items() if v is not None})
 
 
+_DAY_MONTH = r"^(\d{1,2})([/.\-])(\d{1,2})[/.\-](\d{2}|\d{4})(\D.*)?$"
+_ISO_DATE = r"^\d{4}-\d{2}-\d{2}"
+
+
+def _parse_dates(values: pd.Series, path: Path, name: str, header_lines: int, parquet: bool,
+                 time_format: str) -> pd.Series:
+  """Date strings -> UTC timestamps with one format for the whole column:
+  --time_format, else ISO 8601, else day/month or month/day decided from the
+  whole column (refused when it cannot be told), else the format pandas
+  infers from the first value. Works on the distinct values."""
+  def where(row: int) -> str:
+    return f"{_describe_row(row, header_lines, parquet)}: {values.iloc[row]!r}"
+
+  codes, uniques = pd.factorize(values)
+  text = pd.Series(uniques, dtype=object).astype(str)
+  first_row = pd.Series(np.arange(len(values))).groupby(codes).first().to_numpy()
+  kwargs: dict = {"format": time_format} if time_format else {}
+  if not time_format:
+    iso = text.str.match(_ISO_DATE)
+    parts = text.str.extract(_DAY_MONTH)
+    if iso.all():
+      kwargs = {"format": "ISO8601"}
+    elif parts[0].notna().all():
+      a, b = parts[0].astype(int).to_numpy(), parts[2].astype(int).to_numpy()
+      day_first, month_first = np.flatnonzero(a > 12), np.flatnonzero(b > 12)
+      if len(day_first) and len(month_first):
+        raise DataError(f"{path}: column {name!r} has dates with the day first "
+                        f"({where(first_row[day_first[0]])}) and with the month first "
+                        f"({where(first_row[month_first[0]])}): one date format per column")
+      if not len(day_first) and not len(month_first) and (a != b).any():
+        row = first_row[int(np.flatnonzero(a != b)[0])]
+        raise DataError(f"{path}: column {name!r}: whether {where(row)} is day/month or "
+                        "month/day cannot be told from the column (no value above 12); pass "
+                        "--time_format, e.g. --time_format=%d/%m/%Y")
+      kwargs = {"dayfirst": bool(len(day_first))}
+    elif parts[0].notna().any() or iso.any():
+      odd = int(np.flatnonzero(~(parts[0].notna() | iso).to_numpy())[0])
+      kind = int(np.flatnonzero((parts[0].notna() | iso).to_numpy())[0])
+      raise DataError(f"{path}: column {name!r}: {where(first_row[odd])} is not in the format "
+                      f"of {where(first_row[kind])}: one date format per column (or pass "
+                      "--time_format)")
+  try:
+    parsed = pd.to_datetime(pd.Series(uniques), errors="coerce", utc=True, **kwargs)
+  except (ValueError, TypeError) as e:
+    raise DataError(f"{path}: column {name!r}: --time_format={time_format!r}: {e}") from None
+  bad = parsed.isna().to_numpy()
+  if bad.any():
+    how = f"--time_format={time_format}" if time_format else "the column's date format"
+    raise DataError(f"{path}: column {name!r} {where(first_row[int(np.flatnonzero(bad)[0])])}"
+                    f" is not a date in {how}")
+  return pd.Series(parsed.to_numpy()[codes])
+
+
 def _time_column_to_int64(col: pa.ChunkedArray, path: Path, name: str, header_lines: int,
-                          time_unit: str, parquet: bool) -> np.ndarray:
+                          time_unit: str, parquet: bool, time_format: str = "") -> np.ndarray:
   """Integer times pass through; timestamps and date strings -> epoch `time_unit`."""
   if patypes.is_timestamp(col.type) or patypes.is_date(col.type) or patypes.is_string(col.type):
     if col.null_count:
@@ -472,15 +535,18 @@ def _time_column_to_int64(col: pa.ChunkedArray, path: Path, name: str, header_li
                       f"{_describe_row(row, header_lines, parquet)}: empty value")
     values = pd.Series(col.to_numpy(zero_copy_only=False))
     if patypes.is_string(col.type):
-      numeric = pd.to_numeric(values, errors="coerce")
-      if numeric.notna().all():
+      numeric = pd.to_numeric(values, errors="coerce").notna().to_numpy()
+      if numeric.all():
         return _column_to_int64(col, path, name, header_lines, parquet)
-    parsed = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
-    bad = parsed.isna().to_numpy()
-    if bad.any():
-      row = int(np.flatnonzero(bad)[0])
-      raise DataError(f"{path}: column {name!r} {_describe_row(row, header_lines, parquet)}"
-                      f": {values.iloc[row]!r} is neither an integer time nor a date")
+      if numeric.any():
+        i, d = int(np.flatnonzero(numeric)[0]), int(np.flatnonzero(~numeric)[0])
+        raise DataError(
+            f"{path}: column {name!r} mixes integer times ({_describe_row(i, header_lines, parquet)}"
+            f": {values.iloc[i]!r}) and dates ({_describe_row(d, header_lines, parquet)}: "
+            f"{values.iloc[d]!r}): one kind per column")
+      parsed = _parse_dates(values, path, name, header_lines, parquet, time_format)
+    else:
+      parsed = pd.to_datetime(values, utc=True)
     since_epoch = parsed - pd.Timestamp("1970-01-01", tz="UTC")
     ns = since_epoch.to_numpy(dtype="timedelta64[ns]").astype(np.int64)
     return ns // (1_000_000 if time_unit == "ms" else 1_000_000_000)
@@ -524,7 +590,7 @@ def _log_from_table(table: pa.Table, path: Path, options: CsvOptions, header: in
                                               options.item_col, header, parquet)
   if options.time_col:
     ts = _time_column_to_int64(table.column(options.time_col), path, options.time_col, header,
-                               options.time_unit, parquet)
+                               options.time_unit, parquet, options.time_format)
     time_unit = options.time_unit
   else:
     ts, time_unit = np.arange(len(user), dtype=np.int64), "order"

@@ -112,6 +112,7 @@ def test_missing_column_names_file_and_column(tmp_path):
 
 @pytest.mark.parametrize("bad,line,what", [
     ("7,abc,3000", 3, "'abc' is not an integer"),
+    ("7,99999999999999999999,3000", 3, "'99999999999999999999' is not an integer"),
     ("7,1.5,3000", 3, "'1.5' is not an integer"),
     ("7,,3000", 3, "empty value"),
 ])
@@ -186,7 +187,8 @@ def test_duplicate_article_rows_are_refused(tmp_path):
 
 def test_bad_date_is_named(tmp_path):
   path = write(tmp_path / "log.csv", "u,i,t\n1,2,2024-01-01\n1,3,yesterday\n")
-  with pytest.raises(DataError, match=r"column 't' line 3: 'yesterday' is neither"):
+  with pytest.raises(DataError, match=r"column 't': line 3: 'yesterday' is not in the format of "
+                                      r"line 2: '2024-01-01': one date format per column"):
     readers.read_source("csv", path, readers.CsvOptions("u", "i", "t"))
 
 
@@ -285,3 +287,33 @@ def test_bytes_that_are_not_utf8_are_named(tmp_path):
   path.write_bytes(b"u,i,t\nA,B\xff\xfe,1\n")
   with pytest.raises(DataError, match=r"log\.csv: "):
     readers.read_source("csv", path, readers.CsvOptions("u", "i", "t"))
+
+
+def _dates(tmp_path, values, time_format=""):
+  rows = "".join(f"1,{i},{v}\n" for i, v in enumerate(values))
+  path = write(tmp_path / "d.csv", "u,i,t\n" + rows)
+  log = readers.read_source("csv", path, readers.CsvOptions("u", "i", "t",
+                                                            time_format=time_format))
+  return pd.to_datetime(log.ts, unit="s").strftime("%Y-%m-%d").tolist()
+
+
+def test_day_first_dates_are_read_day_first_for_the_whole_column(tmp_path):
+  # pandas' mixed format reads 01/10/2017 as 10 January and 13/10/2017 as 13 October.
+  assert _dates(tmp_path, ["01/10/2017", "13/10/2017", "02/10/2017"]) == [
+      "2017-10-01", "2017-10-13", "2017-10-02"]
+  assert _dates(tmp_path, ["10/01/2017", "10/13/2017"]) == ["2017-10-01", "2017-10-13"]
+  assert _dates(tmp_path, ["01/10/2017", "02/10/2017"], "%d/%m/%Y") == [
+      "2017-10-01", "2017-10-02"]
+
+
+@pytest.mark.parametrize("values, message", [
+    (["01/10/2017", "02/10/2017"], r"whether line 2: '01/10/2017' is day/month or month/day "
+                                   r"cannot be told .* pass --time_format"),
+    (["13/10/2017", "10/13/2017"], r"dates with the day first \(line 2: '13/10/2017'\) and "
+                                   r"with the month first \(line 3: '10/13/2017'\)"),
+    (["1500000000", "2017-10-01"], r"mixes integer times \(line 2: '1500000000'\) and dates "
+                                   r"\(line 3: '2017-10-01'\)"),
+])
+def test_dates_that_cannot_be_read_one_way_are_refused(tmp_path, values, message):
+  with pytest.raises(DataError, match=rf"d\.csv: column 't'.*{message}"):
+    _dates(tmp_path, values)
