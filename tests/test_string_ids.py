@@ -118,3 +118,59 @@ def test_retrieval_and_ranking_data_write_the_raw_strings(string_log, string_dat
       zip(*pd.read_parquet(tmp_path / "flat_test" / job.CANDIDATES_DIR)[
           ["user_id", "article_id"]].values.T))
   assert set(zip(reranked.user_id, reranked.article_id)) <= pairs
+
+
+def _raw_signature_matches_the_index_signature(model_dir, data):
+  import tensorflow as tf
+  from trainer import export
+  module = tf.saved_model.load(str(model_dir / "export" / "user_tower"))
+  items = Vocabulary.from_parquet(data.path(mf.ITEMS_FILE), "item_id")
+  users = Vocabulary.from_parquet(data.path(mf.USERS_FILE), "user_id")
+  table = pq.read_table(data.path(mf.USER_HISTORIES_FILE)).slice(0, 12).to_pandas()
+  length = data.max_seq_len
+  rows = [np.asarray(h, np.int64)[-length:] for h in table.history]
+  padded = np.zeros((len(rows), length), np.int64)
+  for r, h in enumerate(rows):
+    padded[r, length - len(h):] = h
+  by_index = module.signatures["serving_default"](
+      history=tf.constant(padded), user=tf.constant(table.user.to_numpy(np.int64)))["vector"]
+  def raw(values, vocab):
+    return tf.constant(np.asarray(values).tolist(), tf.string if vocab.is_string else tf.int64)
+
+  raw_users = raw(users.to_raw(table.user.to_numpy()), users)
+  # Ragged raw history, each user's whole history (longer than max_seq_len for some).
+  whole = [items.to_raw(np.asarray(h, np.int64)) for h in table.history]
+  ragged = module.signatures[export.RAW_RAGGED_SIGNATURE](
+      history_values=raw(np.concatenate(whole), items),
+      history_row_lengths=tf.constant([len(h) for h in whole], tf.int64),
+      user=raw_users)["vector"]
+  np.testing.assert_allclose(ragged.numpy(), by_index.numpy(), rtol=1e-5, atol=1e-6)
+  # Left-padded raw history of any width, padding marked by `length`.
+  width = max(len(h) for h in whole)
+  fill = "" if items.is_string else 0
+  dense = np.full((len(whole), width), fill, dtype=object if items.is_string else np.int64)
+  for r, h in enumerate(whole):
+    dense[r, width - len(h):] = h
+  padded_raw = module.signatures[export.RAW_SIGNATURE](
+      history=raw(dense, items), length=tf.constant([len(h) for h in whole], tf.int64),
+      user=raw_users)["vector"]
+  np.testing.assert_allclose(padded_raw.numpy(), by_index.numpy(), rtol=1e-5, atol=1e-6)
+  # Item vectors with their raw ids, for a serving system's own index.
+  vectors = pq.read_table(model_dir / "export" / export.ITEM_VECTORS)
+  assert vectors.column("id").to_pylist() == items.raw_ids.tolist()
+  np.testing.assert_array_equal(
+      np.stack(vectors.column("vector").to_numpy(zero_copy_only=False)),
+      np.load(model_dir / "export" / "item_embeddings.npy")[1:])
+
+
+@pytest.mark.parametrize("model", ["sasrec", "two_tower"])
+def test_the_raw_id_signatures_give_the_index_signatures_vector(string_data, tmp_path, model):
+  from trainer import train_lib
+  model_dir = tmp_path / model
+  train_lib.train(small_trainer_config(string_data.data_dir, model_dir, model=model,
+                                       train_steps=3), string_data)
+  _raw_signature_matches_the_index_signature(model_dir, string_data)
+
+
+def test_the_raw_id_signature_takes_integer_ids_too(tiny_data, tiny_export):
+  _raw_signature_matches_the_index_signature(tiny_export, tiny_data)

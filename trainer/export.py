@@ -7,6 +7,13 @@
                                left-padded, latest click last)
                              user    [None] int64 user index (ignored by sasrec)
                            -> vector [None, emb_dim] float32, L2-normalised
+                           and the same vector from raw ids (string or int64, the
+                           vocabularies' type; the vocabularies are inside, unknown -> 0):
+                             serving_raw: history [None, None] raw ids, length [None]
+                               (the real clicks are the last `length` of the row), user [None]
+                             serving_raw_ragged: history_values [None] raw ids,
+                               history_row_lengths [None], user [None]
+    item_vectors.parquet   id (raw item id), vector (float32 x emb_dim): for an index of your own
     item_embeddings.npy    float32 [num_items, emb_dim]; row i = item index i (row 0,
                            padding, is zeros); raw ids: the data's vocab/items.parquet
 
@@ -32,10 +39,13 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import tensorflow as tf
 
 from preprocess import manifest as mf
 from preprocess.fileio import atomic_directory, write_json_atomic
+from preprocess.vocab import Vocabulary
 from trainer.export_info import (EXPORT_DIR, EXPORT_MANIFEST, ITEM_EMBEDDINGS, RANKER,
                                  USER_TOWER, ExportInfo, RankerExportInfo, data_fingerprint,
                                  load_info, vocab_fingerprints)
@@ -45,20 +55,65 @@ __all__ = ["EXPORT_DIR", "EXPORT_MANIFEST", "ITEM_EMBEDDINGS", "USER_TOWER", "Ex
            "data_fingerprint", "export", "export_ranker", "load_info"]
 
 
-class UserTower(tf.Module):
-  """The serving module: item-index history (+ user index) -> user vector."""
+def _lookup_table(vocab: Vocabulary) -> tf.lookup.StaticHashTable:
+  """Raw id -> index (1..n), unknown -> 0: the vocabulary inside the SavedModel."""
+  dtype = tf.string if vocab.is_string else tf.int64
+  keys = tf.constant(vocab.raw_ids.astype(str) if vocab.is_string else vocab.raw_ids, dtype)
+  return tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(keys, tf.range(1, vocab.size, dtype=tf.int64)),
+      default_value=tf.constant(0, tf.int64))
 
-  def __init__(self, model: RetrievalModel, max_seq_len: int):
+
+class UserTower(tf.Module):
+  """The serving module: item-index history (+ user index) -> user vector, and
+  the same from raw ids (RAW_SIGNATURE, RAW_RAGGED_SIGNATURE)."""
+
+  def __init__(self, model: RetrievalModel, max_seq_len: int, items: Vocabulary,
+               users: Vocabulary):
     super().__init__()
     self.model = model
+    self.max_seq_len = max_seq_len
+    self.item_table, self.user_table = _lookup_table(items), _lookup_table(users)
+    item_dtype = tf.string if items.is_string else tf.int64
+    user_dtype = tf.string if users.is_string else tf.int64
     self.serve = tf.function(
         self._serve, input_signature=[
             tf.TensorSpec([None, max_seq_len], tf.int64, name="history"),
             tf.TensorSpec([None], tf.int64, name="user")])
+    self.serve_raw = tf.function(
+        self._serve_raw, input_signature=[
+            tf.TensorSpec([None, None], item_dtype, name="history"),
+            tf.TensorSpec([None], tf.int64, name="length"),
+            tf.TensorSpec([None], user_dtype, name="user")])
+    self.serve_raw_ragged = tf.function(
+        self._serve_raw_ragged, input_signature=[
+            tf.TensorSpec([None], item_dtype, name="history_values"),
+            tf.TensorSpec([None], tf.int64, name="history_row_lengths"),
+            tf.TensorSpec([None], user_dtype, name="user")])
 
   def _serve(self, history, user):
     vector = self.model.user_vector(tf.cast(history, tf.int32), tf.cast(user, tf.int32))
     return {"vector": tf.cast(vector, tf.float32)}
+
+  def _serve_raw(self, history, length, user):
+    # The last `length` columns of each row are its clicks, latest last.
+    width = tf.shape(history, out_type=tf.int64)[1]
+    real = tf.range(width)[None, :] >= (width - length)[:, None]
+    return self._serve_raw_ragged(tf.boolean_mask(history, real), tf.minimum(length, width), user)
+
+  def _serve_raw_ragged(self, history_values, history_row_lengths, user):
+    ragged = tf.RaggedTensor.from_row_lengths(self.item_table.lookup(history_values),
+                                              history_row_lengths)
+    # Left-pad to max_seq_len keeping the latest clicks: reverse, pad right, reverse.
+    reversed_rows = tf.reverse(ragged, axis=[1]).to_tensor(
+        default_value=0, shape=[None, self.max_seq_len])
+    history = tf.reverse(reversed_rows, axis=[1])
+    return self._serve(history, self.user_table.lookup(user))
+
+
+RAW_SIGNATURE = "serving_raw"  # history [None, None] raw ids, length [None], user [None] raw id
+RAW_RAGGED_SIGNATURE = "serving_raw_ragged"  # history_values, history_row_lengths, user
+ITEM_VECTORS = "item_vectors.parquet"  # id (raw), vector (float32 list): build your own index
 
 
 def input_vocabularies(model) -> tuple[str, ...]:
@@ -80,10 +135,18 @@ def export(model: RetrievalModel, model_name: str, manifest: mf.Manifest, model_
                     data_fingerprint=data_fingerprint(manifest), global_step=global_step,
                     vocab_fingerprints=vocab_fingerprints(manifest, input_vocabularies(model)))
   target = Path(model_dir) / EXPORT_DIR
+  items = Vocabulary.from_parquet(manifest.path(mf.ITEMS_FILE), "item_id")
+  users = Vocabulary.from_parquet(manifest.path(mf.USERS_FILE), "user_id")
   with atomic_directory(target, overwrite=True) as tmp:
-    tower = UserTower(model, manifest.max_seq_len)
-    tf.saved_model.save(tower, str(tmp / USER_TOWER), signatures={"serving_default": tower.serve})
+    tower = UserTower(model, manifest.max_seq_len, items, users)
+    tf.saved_model.save(tower, str(tmp / USER_TOWER), signatures={
+        "serving_default": tower.serve, RAW_SIGNATURE: tower.serve_raw,
+        RAW_RAGGED_SIGNATURE: tower.serve_raw_ragged})
     np.save(tmp / ITEM_EMBEDDINGS, vectors)
+    pq.write_table(pa.table({
+        "id": items.to_arrow(np.arange(1, items.size)),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[1:].reshape(-1)),
+                                                    vectors.shape[1])}), tmp / ITEM_VECTORS)
     write_json_atomic(tmp / EXPORT_MANIFEST, dataclasses.asdict(info))
   return target
 
