@@ -10,6 +10,10 @@ Cases:
              --source=news; with --num_workers=1 as well, so peak RSS is the
              memory of one process (workers share the log copy-on-write).
 
+  string_ids: the news-scale log (--news_scales' first scale, or 1) as one
+             CSV twice: integer ids, and every user and item id turned into a
+             10-character string, both through --source=csv in one invocation.
+
 Peak RSS comes from wait4() (the largest process of the job). The figure to
 compare with the notebooks is examples/s of the whole job (read, clean,
 vocabularies, write), against seed_baseline.py's `build_samples` rate (which
@@ -35,6 +39,7 @@ flags.DEFINE_string("ml1m", "", "ml-1m.txt.gz (sasrec_txt format); empty: skip."
 flags.DEFINE_list("news_scales", [], "Synthetic news-scale logs with these user multipliers.")
 flags.DEFINE_string("work_dir", "/tmp/bench_preprocess", "Scratch directory.")
 flags.DEFINE_list("extra_args", [], "Extra preprocess flags for every case.")
+flags.DEFINE_boolean("string_ids", False, "Also the integer-id against string-id case.")
 
 
 def timed_preprocess(args: list[str]) -> dict:
@@ -81,6 +86,33 @@ def main(argv):
       report(f"news_x{scale}_workers{workers}",
              ["--source=news", f"--input={raw}", f"--num_workers={workers}"],
              work / f"news_x{scale}")
+  if FLAGS.string_ids:
+    string_id_case(work, float(FLAGS.news_scales[0]) if FLAGS.news_scales else 1.0)
+
+
+def string_id_case(work: Path, scale: float) -> None:
+  """The same clicks with int64 and with 10-character string ids (A0000000001...)."""
+  import numpy as np
+  import pandas as pd
+  base = synthetic.PRESETS["news"]
+  raw = work / f"news_x{scale}_raw"
+  if not (raw / "train_click_log.csv").exists():
+    synthetic.write(dataclasses.replace(base, num_users=int(base.num_users * scale)), raw,
+                    overwrite=True)
+  clicks = pd.read_csv(raw / "train_click_log.csv",
+                       usecols=["user_id", "click_article_id", "click_timestamp"])
+  paths = {"int": work / "ids_int.csv", "string": work / "ids_string.csv"}
+  clicks.to_csv(paths["int"], index=False)
+  as_string = clicks.assign(
+      user_id=np.char.add("U", np.char.zfill(clicks.user_id.to_numpy().astype(str), 9)),
+      click_article_id=np.char.add(
+          "N", np.char.zfill(clicks.click_article_id.to_numpy().astype(str), 9)))
+  as_string.to_csv(paths["string"], index=False)
+  for kind, path in paths.items():
+    report(f"news_x{scale}_{kind}_ids",
+           ["--source=csv", f"--input={path}", "--user_col=user_id",
+            "--item_col=click_article_id", "--time_col=click_timestamp", "--time_unit=ms"],
+           work / f"ids_{kind}")
 
 
 if __name__ == "__main__":
