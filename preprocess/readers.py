@@ -73,17 +73,30 @@ _CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,18})$"
 
 
 def _encode_ids(cols: list[pa.ChunkedArray], path: Path, name: str, header_lines: int,
-                parquet: bool) -> tuple[list[np.ndarray], np.ndarray | None]:
+                parquet: bool, others: tuple[tuple[Path, str, int], ...] = ()
+                ) -> tuple[list[np.ndarray], np.ndarray | None]:
   """Id columns that share one vocabulary -> (int64 per column, sorted string
   dictionary or None). Integers stay integers; a text column is integers only
   when every value is a canonical integer (`030` beside `30` are two ids),
   else every value is a string id. Vectorised: one hash encoding, then work
-  on the distinct values only."""
+  on the distinct values only. `others` names (file, column, header lines) of
+  cols[1:] for messages (default: the same as the first)."""
+  places = [(path, name, header_lines)] + list(others or [(path, name, header_lines)] *
+                                               (len(cols) - 1))
+
+  def place(flat_row: int) -> str:
+    for col, (where, column, header) in zip(cols, places):
+      if flat_row < len(col):
+        return f"{where}: column {column!r} {_describe_row(flat_row, header, parquet)}"
+      flat_row -= len(col)
+    raise AssertionError(flat_row)
+
+  offset = 0
   for col in cols:
     if col.null_count:
       row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-      raise DataError(f"{path}: column {name!r} {_describe_row(row, header_lines, parquet)}: "
-                      "empty value")
+      raise DataError(f"{place(offset + row)}: empty value")
+    offset += len(col)
   types = {col.type for col in cols}
   if all(patypes.is_integer(t) for t in types):
     out = []
@@ -91,8 +104,8 @@ def _encode_ids(cols: list[pa.ChunkedArray], path: Path, name: str, header_lines
       if patypes.is_unsigned_integer(col.type) and len(col) and \
           pc.max(col).as_py() >= 2**63:
         row = int(np.flatnonzero(col.to_numpy() >= np.uint64(2**63))[0])
-        raise DataError(f"{path}: column {name!r} {_describe_row(row, header_lines, parquet)}: "
-                        f"id {col[row].as_py()} does not fit int64; write the ids as strings")
+        raise DataError(f"{place(sum(len(c) for c in cols[:len(out)]) + row)}: id "
+                        f"{col[row].as_py()} does not fit int64; write the ids as strings")
       out.append(col.to_numpy().astype(np.int64, copy=False))
     return out, None
   if not all(patypes.is_string(t) or patypes.is_large_string(t) for t in types):
@@ -105,8 +118,7 @@ def _encode_ids(cols: list[pa.ChunkedArray], path: Path, name: str, header_lines
   dictionary, codes = encoded.dictionary, encoded.indices.to_numpy(zero_copy_only=False)
   empty = pc.equal(pc.utf8_length(dictionary), 0).to_numpy(zero_copy_only=False)
   if empty.any():
-    row = int(np.flatnonzero(codes == np.flatnonzero(empty)[0])[0])
-    raise DataError(f"{path}: column {name!r} {_describe_row(row, header_lines, parquet)}: "
+    raise DataError(f"{place(int(np.flatnonzero(codes == np.flatnonzero(empty)[0])[0]))}: "
                     "empty id")
   canonical = pc.match_substring_regex(dictionary, _CANONICAL_INT).to_numpy(zero_copy_only=False)
   values = None
@@ -250,31 +262,37 @@ def read_news(input_dir: Path) -> RawLog:
                     f"{NEWS_CLICKS} and {NEWS_ARTICLES}")
   clicks_path = _require_file(input_dir / NEWS_CLICKS, "click log")
   articles_path = _require_file(input_dir / NEWS_ARTICLES, "articles file")
-  # Ids as text, so that an error quotes the file (not a float pyarrow made of it).
   clicks, header = _read_csv(clicks_path, NEWS_CLICK_COLUMNS,
                              text_columns=("user_id", "click_article_id"))
-  user, item, ts = (_column_to_int64(clicks.column(c), clicks_path, c, header)
-                    for c in NEWS_CLICK_COLUMNS)
   articles, a_header = _read_csv(articles_path, NEWS_ARTICLE_COLUMNS,
                                  text_columns=("article_id", "category_id"))
-  items = pd.DataFrame({
-      "item_id": _column_to_int64(articles.column("article_id"), articles_path, "article_id",
-                                  a_header),
-      "category_id": _column_to_int64(articles.column("category_id"), articles_path,
-                                      "category_id", a_header),
-  })
+  dictionaries = {}
+  (user,), dictionaries["user"] = _encode_ids([clicks.column("user_id")], clicks_path,
+                                              "user_id", header, False)
+  # One item vocabulary for the clicks and the articles table.
+  (item, article), dictionaries["item"] = _encode_ids(
+      [clicks.column("click_article_id"), articles.column("article_id")], clicks_path,
+      "click_article_id", header, False, others=((articles_path, "article_id", a_header),))
+  (category,), dictionaries["category"] = _encode_ids(
+      [articles.column("category_id")], articles_path, "category_id", a_header, False)
+  ts = _column_to_int64(clicks.column("click_timestamp"), clicks_path, "click_timestamp", header)
+  items = pd.DataFrame({"item_id": article, "category_id": category})
   for c in ("created_at_ts", "words_count"):
     items[c] = _column_to_int64(articles.column(c), articles_path, c, a_header)
   return RawLog(user, item, ts, "ms", [str(clicks_path), str(articles_path)], str(clicks_path),
-                items=_check_unique_items(items, articles_path, a_header))
+                items=_check_unique_items(items, articles_path, a_header,
+                                          dictionaries.get("item")),
+                dictionaries={k: v for k, v in dictionaries.items() if v is not None})
 
 
-def _check_unique_items(items: pd.DataFrame, path: Path, header_lines: int) -> pd.DataFrame:
+def _check_unique_items(items: pd.DataFrame, path: Path, header_lines: int,
+                        dictionary: np.ndarray | None = None) -> pd.DataFrame:
   dup = items["item_id"].duplicated().to_numpy()
   if dup.any():
     row = int(np.flatnonzero(dup)[0])
+    code = items["item_id"].iloc[row]
     raise DataError(f"{path}: line {row + 1 + header_lines}: item id "
-                    f"{items['item_id'].iloc[row]} appears more than once")
+                    f"{code if dictionary is None else dictionary[code]} appears more than once")
   for c in ("category_id", "created_at_ts", "words_count"):
     if c in items:
       items[c] = items[c].astype("Int64")

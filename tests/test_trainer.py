@@ -253,3 +253,26 @@ def test_sampled_negatives_protocol_ranks_among_n_items(tiny_windows):
   assert result["hit_rate@101"] == pytest.approx(1 - result["targets_already_seen"] /
                                                  result["num_users"])
   assert 0 < result["hit_rate@1"] < 0.5 and num_items > 101
+
+
+def test_shared_item_embeddings_and_item_dropout(tiny_windows):
+  from trainer.config import TrainerConfig
+  config = small_trainer_config(tiny_windows.data_dir, "", item_dropout=0.5)
+  model = train_lib.build_model(config, tiny_windows)
+  assert not [v.name for v in model.trainable_variables if "head" in v.path]
+  items = tf.range(1, 6)
+  # Shared: an item's vector is its (unit-length) input embedding.
+  expected = tf.math.l2_normalize(model.item_embedding(items), axis=-1)
+  np.testing.assert_allclose(model.item_vectors(items).numpy(), expected.numpy(), rtol=1e-6)
+  # Item dropout only in training, as a function of the step's seed.
+  seed = tf.constant([1, 2], tf.int64)
+  dropped = model.item_vectors(items, training=True, seed=seed).numpy()
+  assert not np.allclose(dropped, expected.numpy())
+  np.testing.assert_array_equal(dropped, model.item_vectors(items, training=True,
+                                                            seed=seed).numpy())
+  heads = train_lib.build_model(small_trainer_config(
+      tiny_windows.data_dir, "", share_item_embeddings=False, item_dropout=0.0), tiny_windows)
+  assert {"query_head", "item_head"} <= {v.path.split("/")[0] for v in heads.trainable_variables}
+  # A trainer_config.json from before these fields existed describes the heads model.
+  legacy = TrainerConfig.from_dict({"model": "sasrec", "emb_dim": 16})
+  assert (legacy.share_item_embeddings, legacy.item_dropout) == (False, 0.0)

@@ -72,7 +72,10 @@ for _model, _defaults in SELECTION_DEFAULTS.items():
 MODEL_DEFAULT_FIELDS = tuple(MODEL_DEFAULTS["sasrec"])
 SELECTION_SPLIT = "valid"  # early stopping never looks at test
 # Fields that define the variables a checkpoint holds.
-ARCHITECTURE_FIELDS = ("model", "emb_dim", "num_heads", "num_blocks", "ff_dim", "tower_units",
+# What a trainer_config.json written before a field existed meant by it.
+LEGACY_VALUES = {"share_item_embeddings": False, "item_dropout": 0.0}
+ARCHITECTURE_FIELDS = ("model", "emb_dim", "num_heads", "num_blocks", "ff_dim",
+                       "share_item_embeddings", "tower_units",
                        "mixed_precision", "gru_units", "evolution", "aux_loss_weight",
                        "retrieval_item_vectors", "wide_dense")
 
@@ -102,6 +105,11 @@ class TrainerConfig:
   num_heads: int = 1  # sasrec (1 and 1 won on Beauty; configs/ml1m_sasrec.flags sets 2 and 2)
   num_blocks: int = 1
   ff_dim: int | None = None  # sasrec's feed-forward width (MODEL_DEFAULTS)
+  # sasrec: score against the input item embeddings themselves (SASRec's
+  # shared embedding) instead of separate query/item projection heads, and
+  # drop out those item embeddings in the softmax while training.
+  share_item_embeddings: bool = True
+  item_dropout: float = 0.2
   dropout: float | None = None
   temperature: float | None = None
   tower_units: tuple[int, ...] = (128, 64)  # two_tower tower / dien top MLP hidden layers
@@ -185,7 +193,7 @@ class TrainerConfig:
   def from_dict(cls, d: dict[str, Any]) -> "TrainerConfig":
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
-    return cls(**values)
+    return cls(**{**{k: v for k, v in LEGACY_VALUES.items() if k not in d}, **values})
 
 
 def known_replica_count(config: TrainerConfig) -> int | None:
@@ -249,6 +257,8 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
     bad(f"--emb_dim={config.emb_dim} is not divisible by --num_heads={config.num_heads}")
   if not 0.0 <= config.dropout < 1.0:
     bad(f"--dropout={config.dropout}: must be in [0, 1)")
+  if not 0.0 <= config.item_dropout < 1.0:
+    bad(f"--item_dropout={config.item_dropout}: must be in [0, 1)")
   if config.temperature <= 0:
     bad(f"--temperature={config.temperature}: must be > 0")
   if config.learning_rate <= 0:

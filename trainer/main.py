@@ -67,6 +67,10 @@ flags.DEFINE_integer("emb_dim", None,
 flags.DEFINE_integer("num_heads", _D.num_heads, "sasrec: attention heads.")
 flags.DEFINE_integer("num_blocks", _D.num_blocks, "sasrec: transformer blocks.")
 flags.DEFINE_integer("ff_dim", None, f"sasrec: feed-forward width ({_by_model('ff_dim')}).")
+flags.DEFINE_boolean("share_item_embeddings", _D.share_item_embeddings,
+                     "sasrec: score against the input item embeddings (no projection heads).")
+flags.DEFINE_float("item_dropout", _D.item_dropout,
+                   "sasrec: dropout of the item embeddings the softmax scores, in training.")
 flags.DEFINE_float("dropout", None, f"Dropout rate ({_by_model('dropout')}).")
 flags.DEFINE_float("temperature", None,
                    f"Softmax temperature on cosine scores ({_by_model('temperature')}).")

@@ -176,8 +176,12 @@ class SASRec(RetrievalModel):
                          lambda: self.dropout(config.dropout), name=f"block_{i}")
         for i in range(config.num_blocks)])
     self.final_norm = keras.layers.LayerNormalization(epsilon=1e-6)
-    self.query_head = keras.layers.Dense(config.emb_dim, name="query_head")
-    self.item_head = keras.layers.Dense(config.emb_dim, name="item_head")
+    self.shared_embeddings = config.share_item_embeddings
+    if not self.shared_embeddings:
+      self.query_head = keras.layers.Dense(config.emb_dim, name="query_head")
+      self.item_head = keras.layers.Dense(config.emb_dim, name="item_head")
+    # Created last: the other layers keep their dropout salts (and masks).
+    self.item_dropout = self.dropout(config.item_dropout)
 
   def query_sequence(self, history, user, training=False, seed=None):
     del user  # SASRec is a function of the history only
@@ -202,10 +206,12 @@ class SASRec(RetrievalModel):
                   last_query_only=True)
       else:
         x = block(x, attention_mask=mask, seed=seed, training=training)
-    return _l2(self.query_head(self.final_norm(x)))
+    x = self.final_norm(x)
+    return _l2(x if self.shared_embeddings else self.query_head(x))
 
   def item_vectors(self, items, training=False, seed=None):
-    return _l2(self.item_head(self.item_embedding(items)))
+    e = self.item_dropout(self.item_embedding(items), seed=seed, training=training)
+    return _l2(e if self.shared_embeddings else self.item_head(e))
 
 
 class TwoTower(RetrievalModel):
