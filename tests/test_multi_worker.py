@@ -27,7 +27,7 @@ import launch_workers  # noqa: E402
 
 TINY_MODEL = ["--model=sasrec", "--batch_size=16", "--emb_dim=16", "--num_heads=2",
               "--num_blocks=1", "--ff_dim=16", "--warmup_steps=1", "--eval_topk=5,10",
-              "--nojit_compile", "--shuffle_buffer=256", "--dropout=0"]
+              "--nojit_compile", "--shuffle_buffer=256", "--dropout=0", "--item_dropout=0"]
 
 
 # --- TF_CONFIG --------------------------------------------------------------
@@ -93,7 +93,8 @@ def first_step_loss(model_dir: Path) -> float:
 def single_process_loss_of_the_same_global_batch(manifest, model_dir, loss, workers):
   """Step 1's loss in one process on the concatenation of every worker's first
   batch (worker order = replica order), from the same seeded initial weights."""
-  config = small_trainer_config(manifest.data_dir, model_dir, loss=loss, dropout=0.0)
+  config = small_trainer_config(manifest.data_dir, model_dir, loss=loss, dropout=0.0,
+                                item_dropout=0.0)
   trainer = train_lib.Trainer(config, manifest)
   steps = input_pipeline.steps_per_epoch(manifest, 16, workers, workers)
   reader = input_pipeline.TrainReader(manifest, 16, config.seed, steps,
