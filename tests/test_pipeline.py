@@ -417,3 +417,36 @@ def test_a_really_full_disk_with_two_writers_is_one_line_and_leaves_the_disk_emp
                                   "output (No space left on device)"), lines[-3:]
       assert not [line for line in lines if "Traceback" in line]
       assert list(small.iterdir()) == []
+
+
+@pytest.mark.parametrize("source, name, text", [
+    ("sequences", "log.txt", "u1 a b c d\nu2 b c e\n"),
+    ("jsonl", "log.json", "".join(
+        f'{{"u": "{u}", "i": "{i}", "t": {t}}}\n' for t, (u, i) in enumerate(
+            [("u1", "a"), ("u2", "b"), ("u1", "b"), ("u2", "c"), ("u1", "c"), ("u2", "e"),
+             ("u1", "d")]))),
+    ("recbole", "log.inter", "u:token\ti:token\tt:float\n" + "".join(
+        f"{u}\t{i}\t{t}.0\n" for t, (u, i) in enumerate(
+            [("u1", "a"), ("u1", "b"), ("u2", "b"), ("u1", "c"), ("u2", "c"), ("u1", "d"),
+             ("u2", "e")]))),
+])
+def test_new_sources_give_the_expected_examples(tmp_path, source, name, text):
+  path = tmp_path / name
+  path.write_text(text)
+  options = pipeline.readers.CsvOptions(user_col="u", item_col="i", time_col="t") \
+      if source != "sequences" else None
+  manifest = pipeline.run(pipeline.PreprocessConfig(
+      source=source, input=str(path), output_dir=str(tmp_path / "out"), num_shards=1,
+      num_workers=1, holdout="valid_test", max_seq_len=3, csv=options))
+  users = Vocabulary.from_parquet(manifest.path(mf.USERS_FILE), "user_id")
+  items = Vocabulary.from_parquet(manifest.path(mf.ITEMS_FILE), "item_id")
+
+  def raw(split):
+    examples, _ = read_split(manifest, split)
+    return sorted((users.to_raw([u])[0], tuple(items.to_raw(h[len(h) - n:])), items.to_raw([t])[0])
+                  for u, h, n, t in zip(examples["user"], examples["history"],
+                                        examples["length"], examples["target"]))
+  # u1: a b | c (valid) | d (test); u2: b | c | e. Positions: one example per target.
+  assert raw("train") == [("u1", ("a",), "b")]
+  assert raw("valid") == [("u1", ("a", "b"), "c"), ("u2", ("b",), "c")]
+  assert raw("test") == [("u1", ("a", "b", "c"), "d"), ("u2", ("b", "c"), "e")]
