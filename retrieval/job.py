@@ -5,6 +5,7 @@
     index/items.faiss              FAISS index (IndexIDMap2; labels = raw item ids, or the item
                                    indices of vocab/items.parquet when the ids are strings)
     index/index_info.json          what was built, from which export
+    index/labels.parquet           string ids only: label (int64) -> item_id (raw string)
     candidates/part-WWWWW-of-NNNNN-BBBBBB.parquet
                                    user_id, article_id (raw ids, int64 or string as in the
                                    data's vocabularies), recall_score (float32),
@@ -66,6 +67,7 @@ from trainer.export_info import EXPORT_DIR, ExportInfo
 
 JOB_FILE = "job.json"
 INDEX_DIR = "index"
+LABELS_FILE = "labels.parquet"  # in INDEX_DIR, string ids only: label (int64) -> item_id
 CANDIDATES_DIR = "candidates"
 SUCCESS_FILE = "_SUCCESS"
 METRICS_FILE = "metrics.json"
@@ -433,6 +435,12 @@ def _index(config: RetrievalConfig, p: Plan, out: Path, items: Vocabulary, model
       started = time.perf_counter()
       index, _ = index_lib.build(vectors, items.faiss_labels(), p.spec)
       index_lib.save(index, directory, info)
+      if items.is_string:  # the labels are item indices: their raw ids beside the index
+        labels = pa.table({"label": pa.array(items.faiss_labels()),
+                           "item_id": items.to_arrow(items.faiss_labels())})
+        buffer = pa.BufferOutputStream()
+        pq.write_table(labels, buffer)
+        write_bytes_atomic(directory / LABELS_FILE, buffer.getvalue().to_pybytes())
       logging.info("built %s index over %d items in %.1fs", p.spec.kind, len(vectors),
                    time.perf_counter() - started)
   finally:

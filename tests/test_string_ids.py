@@ -75,12 +75,12 @@ def test_retrieval_and_ranking_data_write_the_raw_strings(string_log, string_dat
   _, log = string_log
   model_dir = tmp_path / model
   train_lib.train(small_trainer_config(string_data.data_dir, model_dir, model=model,
-                                       train_steps=4, eval_split="test"), string_data)
+                                       train_steps=30, eval_split="test"), string_data)
   lists = {}
   for split in ("valid", "test"):
     result = job.run(job.RetrievalConfig(
         data_dir=str(string_data.data_dir), model_dir=str(model_dir),
-        output_dir=str(tmp_path / split), topk=10, eval_split=split, eval_topk=(5, 10),
+        output_dir=str(tmp_path / split), topk=20, eval_split=split, eval_topk=(5, 10),
         index="ivf" if split == "test" else "flat", ann_recall_users=20))
     assert result["users"] > 0
     lists[split] = pd.read_parquet(tmp_path / split / job.CANDIDATES_DIR)
@@ -91,11 +91,14 @@ def test_retrieval_and_ranking_data_write_the_raw_strings(string_log, string_dat
   # The test split's IVF index labels are item indices (the ids are strings).
   info = json.loads((tmp_path / "test" / "index" / "index_info.json").read_text())
   assert info["labels"] == "item index"
+  labels = pq.read_table(tmp_path / "test" / "index" / job.LABELS_FILE).to_pandas()
+  items = pq.read_table(string_data.path(mf.ITEMS_FILE)).to_pandas()
+  assert labels.item_id.tolist() == items.item_id.iloc[labels.label].tolist()
   # Flat metrics equal the trainer's full ranking (the same lists, whatever the id type).
   trained = json.loads((model_dir / "metrics.json").read_text())
   flat_test = job.run(job.RetrievalConfig(
       data_dir=str(string_data.data_dir), model_dir=str(model_dir),
-      output_dir=str(tmp_path / "flat_test"), topk=10, eval_split="test", eval_topk=(5, 10)))
+      output_dir=str(tmp_path / "flat_test"), topk=20, eval_split="test", eval_topk=(5, 10)))
   assert flat_test["ndcg@10"] == pytest.approx(trained["ndcg@10"], abs=1e-9)
   if model != "sasrec":
     return
