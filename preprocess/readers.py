@@ -312,24 +312,40 @@ def read_movielens(path: Path, movies_path: Path | None = None) -> RawLog:
     raise DataError(f"{path}: MovieLens ratings file not found")
   # '::' is two one-character delimiters around empty fields: 7 columns.
   names = tuple(f"f{i}" for i in range(7))
-  table, _ = _read_csv(path, ("f0", "f2", "f6"), delimiter=":", column_names=names)
-  fields = {"f0": "UserID", "f2": "MovieID", "f6": "Timestamp"}
-  user, item, ts = (_column_to_int64(table.column(f), path, fields[f], 0) for f in fields)
+  table, _ = _read_csv(path, ("f0", "f2", "f6"), delimiter=":", column_names=names,
+                       text_columns=("f0", "f2"))
+  ts = _column_to_int64(table.column("f6"), path, "Timestamp", 0)
   inputs = [str(path)]
-  items = category_names = None
   if movies_path is None:
     for candidate in (path.with_name("movies.dat"), path.with_name("movies.dat.gz")):
       if candidate.is_file():
         movies_path = candidate
         break
-  if movies_path is not None:
-    items, category_names = _read_movies(Path(movies_path))
+  dictionaries = {}
+  (user,), dictionaries["user"] = _encode_ids([table.column("f0")], path, "UserID", 0, False)
+  items = category_names = None
+  if movies_path is None:
+    (item,), dictionaries["item"] = _encode_ids([table.column("f2")], path, "MovieID", 0, False)
+  else:
+    movie_id, first_genre = _read_movies(Path(movies_path))
+    # One item vocabulary for the ratings and movies.dat.
+    (item, movie), dictionaries["item"] = _encode_ids(
+        [table.column("f2"), pa.chunked_array([pa.array(movie_id, pa.string())])], path,
+        "MovieID", 0, False, others=((Path(movies_path), "MovieID", 0),))
+    names = np.array(sorted(set(first_genre) - {""}))
+    genre_id = pd.Series(np.arange(1, len(names) + 1), index=names)
+    items = pd.DataFrame({"item_id": movie,
+                          "category_id": first_genre.map(genre_id).astype("Int64").to_numpy()})
+    items = _check_unique_items(items, Path(movies_path), 0, dictionaries["item"])
+    category_names = pd.DataFrame({"category_id": genre_id.to_numpy(np.int64), "name": names})
     inputs.append(str(movies_path))
   return RawLog(user, item, ts, "s", inputs, str(path), items=items,
-                category_names=category_names)
+                category_names=category_names,
+                dictionaries={k: v for k, v in dictionaries.items() if v is not None})
 
 
-def _read_movies(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _read_movies(path: Path) -> tuple[np.ndarray, pd.Series]:
+  """movies.dat's MovieID (text) and first listed genre of every line."""
   if not path.is_file():
     raise DataError(f"{path}: movies file not found")
   # Titles may hold ':' so split on '::' with pandas string ops (3.9k rows).
@@ -337,14 +353,7 @@ def _read_movies(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                       compression="infer", dtype=str, quoting=3)["line"]
   movie_id = lines.str.partition("::")[0]
   genres = lines.str.rpartition("::")[2]
-  ids = _column_to_int64(pa.chunked_array([pa.array(movie_id)]), path, "MovieID", 0)
-  first_genre = genres.str.split("|").str[0].fillna("")
-  names = np.array(sorted(set(first_genre) - {""}))
-  genre_id = pd.Series(np.arange(1, len(names) + 1), index=names)
-  items = pd.DataFrame({"item_id": ids,
-                        "category_id": first_genre.map(genre_id).astype("Int64").to_numpy()})
-  category_names = pd.DataFrame({"category_id": genre_id.to_numpy(np.int64), "name": names})
-  return _check_unique_items(items, path, 0), category_names
+  return movie_id.to_numpy(dtype=object), genres.str.split("|").str[0].fillna("")
 
 
 def _read_lines(path: Path) -> pa.Array:

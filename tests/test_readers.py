@@ -329,3 +329,15 @@ def test_day_first_dates_are_read_day_first_for_the_whole_column(tmp_path):
 def test_dates_that_cannot_be_read_one_way_are_refused(tmp_path, values, message):
   with pytest.raises(DataError, match=rf"d\.csv: column 't'.*{message}"):
     _dates(tmp_path, values)
+
+
+def test_movielens_string_ids_share_the_movies_vocabulary(tmp_path):
+  ratings = write(tmp_path / "ratings.dat", "u1::m2::5::100\nu1::m1::3::200\nu2::m2::4::300\n")
+  write(tmp_path / "movies.dat", "m1::Heat (1995)::Action|Crime\nm2::Up: a story::Comedy\n"
+        "m3::Solaris::Drama\n")
+  log = readers.read_source("movielens", ratings)
+  items = log.dictionaries["item"]
+  assert list(items[log.item_id]) == ["m2", "m1", "m2"]
+  assert list(items[log.items.item_id]) == ["m1", "m2", "m3"]
+  names = log.category_names.set_index("category_id").name
+  assert list(names[log.items.category_id]) == ["Action", "Comedy", "Drama"]
