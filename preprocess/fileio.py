@@ -18,6 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from preprocess import locks
 from preprocess.errors import DataError
 
@@ -88,11 +91,16 @@ def locked_output(final_dir: Path | str, job: str) -> Iterator[None]:
   with locks.exclusive_file(output_lock_path(final_dir), job, final_dir, remove=True):
     for pattern in (f".{final_dir.name}.tmp-*", f".{final_dir.name}.old-*"):
       for stale in final_dir.parent.glob(pattern):
-        if stale.is_dir() and not stale.is_symlink():
-          shutil.rmtree(stale, ignore_errors=True)
-        else:
-          stale.unlink(missing_ok=True)
+        remove_path(stale)
     yield
+
+
+def remove_path(path: Path) -> None:
+  """Deletes a file or a directory tree (a symlink itself, not what it points to)."""
+  if path.is_dir() and not path.is_symlink():
+    shutil.rmtree(path, ignore_errors=True)
+  else:
+    path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -162,6 +170,13 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> None:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+def write_parquet_atomic(path: Path | str, table: pa.Table) -> None:
+  """One Parquet file, built in memory and renamed into place whole."""
+  buffer = pa.BufferOutputStream()
+  pq.write_table(table, buffer)
+  write_bytes_atomic(path, buffer.getvalue().to_pybytes())
 
 
 def write_json_atomic(path: Path | str, obj: Any) -> None:

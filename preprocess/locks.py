@@ -1,9 +1,10 @@
 """Advisory locks on output directories for the life of a job.
 
 `fcntl.flock` on a lock file: the kernel releases it when the holder exits in
-any way (kill -9 included), so a lock is never stale. The file itself stays
-(removing it would race with a job taking it) and names the last holder, for
-the error message. flock works on local filesystems; on NFS it depends on
+any way (kill -9 included), so a lock is never stale. The file names the last
+holder, for the error message; it stays, except for `exclusive_file(...,
+remove=True)`, whose takers check after locking that the file they locked is
+still the one at the path. flock works on local filesystems; on NFS it depends on
 the mount, on object stores not at all (README says so).
 
 - `exclusive(dir, job)`: DIR/.lock, one holder (trainer model_dir).

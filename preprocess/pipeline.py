@@ -211,8 +211,7 @@ def _raw_id_column(values: np.ndarray, dictionary: np.ndarray | None,
   """Raw ids with a null padding row 0: int64, or the strings the codes stand for."""
   if dictionary is None:
     return _with_padding_row(values, null)
-  strings = dictionary[np.asarray(values, dtype=np.int64)] if len(values) else \
-      np.zeros(0, object)
+  strings = dictionary[np.asarray(values, dtype=np.int64)]
   if null is not None and null.any():
     strings = np.where(null, None, strings)
   return pa.array(np.concatenate([[None], strings]), pa.string())

@@ -60,7 +60,11 @@ class RawLog:
   category_names: pd.DataFrame | None = None
   # "user" / "item" / "category" -> sorted raw string ids (object array), for
   # the kinds whose ids are strings.
-  dictionaries: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  dictionaries: dict[str, np.ndarray | None] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    # Readers pass every kind's _encode_ids result; None (integer ids) has no dictionary.
+    self.dictionaries = {k: v for k, v in self.dictionaries.items() if v is not None}
 
   def id_types(self) -> dict[str, str]:
     kinds = ("user", "item") + (("category",) if self.items is not None and
@@ -93,8 +97,8 @@ def _encode_ids(cols: list[pa.ChunkedArray], path: Path, name: str, header_lines
 
   offset = 0
   for col in cols:
-    if col.null_count:
-      row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+    row = _first_null(col)
+    if row is not None:
       raise DataError(f"{place(offset + row)}: empty value")
     offset += len(col)
   types = {col.type for col in cols}
@@ -126,7 +130,7 @@ def _encode_ids(cols: list[pa.ChunkedArray], path: Path, name: str, header_lines
     try:
       values = pc.cast(dictionary, pa.int64()).to_numpy()
     except pa.ArrowInvalid:  # 19 digits beyond int64: strings, exact
-      values = None
+      pass
   if values is not None:
     flat, dictionary_out = values[codes], None
   else:
@@ -159,6 +163,21 @@ class CsvOptions:
   time_format: str = ""  # strftime format of date strings; "": one format inferred per column
 
 
+def _first_null(col: pa.ChunkedArray) -> int | None:
+  """Row of the first null of a column, or None."""
+  if not col.null_count:
+    return None
+  return int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+
+
+def _refuse_nulls(col: pa.ChunkedArray, path: Path, name: str, header_lines: int,
+                  parquet: bool) -> None:
+  row = _first_null(col)
+  if row is not None:
+    raise DataError(f"{path}: column {name!r} {_describe_row(row, header_lines, parquet)}: "
+                    "empty value")
+
+
 def _describe_row(row: int, header_lines: int, parquet: bool) -> str:
   if parquet:
     return f"row {row + 1}"
@@ -168,10 +187,7 @@ def _describe_row(row: int, header_lines: int, parquet: bool) -> str:
 def _column_to_int64(col: pa.ChunkedArray, path: Path, name: str, header_lines: int,
                      parquet: bool = False) -> np.ndarray:
   """A pyarrow column -> int64 numpy, or a DataError naming the first bad row."""
-  if col.null_count:
-    row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-    raise DataError(f"{path}: column {name!r} {_describe_row(row, header_lines, parquet)}: "
-                    "empty value")
+  _refuse_nulls(col, path, name, header_lines, parquet)
   if patypes.is_integer(col.type):
     return col.to_numpy().astype(np.int64, copy=False)
   if patypes.is_string(col.type):
@@ -282,7 +298,7 @@ def read_news(input_dir: Path) -> RawLog:
   return RawLog(user, item, ts, "ms", [str(clicks_path), str(articles_path)], str(clicks_path),
                 items=_check_unique_items(items, articles_path, a_header,
                                           dictionaries.get("item")),
-                dictionaries={k: v for k, v in dictionaries.items() if v is not None})
+                dictionaries=dictionaries)
 
 
 def _check_unique_items(items: pd.DataFrame, path: Path, header_lines: int,
@@ -341,7 +357,7 @@ def read_movielens(path: Path, movies_path: Path | None = None) -> RawLog:
     inputs.append(str(movies_path))
   return RawLog(user, item, ts, "s", inputs, str(path), items=items,
                 category_names=category_names,
-                dictionaries={k: v for k, v in dictionaries.items() if v is not None})
+                dictionaries=dictionaries)
 
 
 def _read_movies(path: Path) -> tuple[np.ndarray, pd.Series]:
@@ -388,8 +404,9 @@ def read_sequences(path: Path) -> RawLog:
                     "items")
   tokens = tokens.filter(pa.array(count > 1))  # blank lines carry nothing
   users = pc.list_element(tokens, 0)
-  items = pc.list_flatten(pc.list_slice(tokens, 1))
-  owner = pc.list_parent_indices(pc.list_slice(tokens, 1)).to_numpy()
+  item_lists = pc.list_slice(tokens, 1)
+  items = pc.list_flatten(item_lists)
+  owner = pc.list_parent_indices(item_lists).to_numpy()
   line_of_user = np.flatnonzero(count > 1)
   dictionaries = {}
   (user,), dictionaries["user"] = _encode_ids([pa.chunked_array([users])], path, "user", 0,
@@ -401,7 +418,7 @@ def read_sequences(path: Path) -> RawLog:
     raise DataError(f"{path}: line {line_of_user[again] + 1}: user {users[again]} already had "
                     f"line {line_of_user[first] + 1} (one line per user)")
   return RawLog(user[owner], item, np.arange(len(item), dtype=np.int64), "order", [str(path)],
-                str(path), dictionaries={k: v for k, v in dictionaries.items() if v is not None})
+                str(path), dictionaries=dictionaries)
 
 
 def _first_repeat(values: np.ndarray) -> tuple[int, int]:
@@ -433,8 +450,7 @@ def read_recbole(path: Path, options: CsvOptions) -> RawLog:
   if missing:
     raise DataError(f"{path}: no field(s) {missing} in the header ({', '.join(fields)})")
   renamed = dataclasses.replace(options, delimiter="\t", column_names=names)
-  log = _read_columns(path, renamed, skip_header=True)
-  return log
+  return _read_columns(path, renamed, skip_header=True)
 
 
 def _read_lines_head(path: Path) -> str:
@@ -496,7 +512,7 @@ def read_sasrec_txt(path: Path) -> RawLog:
   (user,), dictionaries["user"] = _encode_ids([table.column("user")], path, "user", 0, False)
   (item,), dictionaries["item"] = _encode_ids([table.column("item")], path, "item", 0, False)
   return RawLog(user, item, np.arange(len(user), dtype=np.int64), "order", [str(path)],
-                str(path), dictionaries={k: v for k, v in dictionaries.items() if v is not None})
+                str(path), dictionaries=dictionaries)
 
 
 _DAY_MONTH = r"^(\d{1,2})([/.\-])(\d{1,2})[/.\-](\d{2}|\d{4})(\D.*)?$"
@@ -555,11 +571,8 @@ def _parse_dates(values: pd.Series, path: Path, name: str, header_lines: int, pa
 def _time_column_to_int64(col: pa.ChunkedArray, path: Path, name: str, header_lines: int,
                           time_unit: str, parquet: bool, time_format: str = "") -> np.ndarray:
   """Integer times pass through; timestamps and date strings -> epoch `time_unit`."""
+  _refuse_nulls(col, path, name, header_lines, parquet)
   if patypes.is_timestamp(col.type) or patypes.is_date(col.type) or patypes.is_string(col.type):
-    if col.null_count:
-      row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-      raise DataError(f"{path}: column {name!r} "
-                      f"{_describe_row(row, header_lines, parquet)}: empty value")
     values = pd.Series(col.to_numpy(zero_copy_only=False))
     if patypes.is_string(col.type):
       numeric = pd.to_numeric(values, errors="coerce").notna().to_numpy()
@@ -578,10 +591,6 @@ def _time_column_to_int64(col: pa.ChunkedArray, path: Path, name: str, header_li
     ns = since_epoch.to_numpy(dtype="timedelta64[ns]").astype(np.int64)
     return ns // (1_000_000 if time_unit == "ms" else 1_000_000_000)
   if patypes.is_floating(col.type):  # RecBole's timestamp:float; fractions of the unit drop
-    if col.null_count:
-      row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-      raise DataError(f"{path}: column {name!r} "
-                      f"{_describe_row(row, header_lines, parquet)}: empty value")
     return np.floor(col.to_numpy()).astype(np.int64)
   return _column_to_int64(col, path, name, header_lines, parquet)
 
@@ -632,7 +641,7 @@ def _log_from_table(table: pa.Table, path: Path, options: CsvOptions, header: in
     items = counts.drop_duplicates("item_id")[["item_id", "category_id"]].reset_index(drop=True)
     items["category_id"] = items["category_id"].astype("Int64")
   return RawLog(user, item, ts, time_unit, [str(path)], str(path), items=items,
-                dictionaries={k: v for k, v in dictionaries.items() if v is not None})
+                dictionaries=dictionaries)
 
 
 def read_source(source: str, input_path: Path | str, csv_options: CsvOptions | None = None,

@@ -57,7 +57,7 @@ from preprocess import histories
 from preprocess import locks
 from preprocess import manifest as mf
 from preprocess.errors import ConfigError, DataError
-from preprocess.fileio import sha256_file, write_bytes_atomic, write_json_atomic
+from preprocess.fileio import sha256_file, write_json_atomic, write_parquet_atomic
 from preprocess.vocab import Vocabulary
 from retrieval import index as index_lib
 from retrieval import metrics
@@ -310,9 +310,7 @@ def _write_part(path: Path, queries, result, users, items, stats) -> None:
       "recall_score": pa.array(result.scores[mask], pa.float32()),
       "recall_rank": pa.array(np.nonzero(mask)[1].astype(np.int32) + 1, pa.int32()),
   }, schema=schema.with_metadata({STATS_KEY: json.dumps(stats).encode()}))
-  buffer = pa.BufferOutputStream()  # one batch: bounded, and renamed into place whole
-  pq.write_table(table, buffer)
-  write_bytes_atomic(path, buffer.getvalue().to_pybytes())
+  write_parquet_atomic(path, table)  # one batch: bounded, and renamed into place whole
 
 
 def _read_stats(path: Path) -> dict:
@@ -436,11 +434,9 @@ def _index(config: RetrievalConfig, p: Plan, out: Path, items: Vocabulary, model
       index, _ = index_lib.build(vectors, items.faiss_labels(), p.spec)
       index_lib.save(index, directory, info)
       if items.is_string:  # the labels are item indices: their raw ids beside the index
-        labels = pa.table({"label": pa.array(items.faiss_labels()),
-                           "item_id": items.to_arrow(items.faiss_labels())})
-        buffer = pa.BufferOutputStream()
-        pq.write_table(labels, buffer)
-        write_bytes_atomic(directory / LABELS_FILE, buffer.getvalue().to_pybytes())
+        write_parquet_atomic(directory / LABELS_FILE, pa.table({
+            "label": pa.array(items.faiss_labels()),
+            "item_id": items.to_arrow(items.faiss_labels())}))
       logging.info("built %s index over %d items in %.1fs", p.spec.kind, len(vectors),
                    time.perf_counter() - started)
   finally:

@@ -91,7 +91,7 @@ def main(argv):
 
 
 def string_id_case(work: Path, scale: float) -> None:
-  """The same clicks with int64 and with 10-character string ids (A0000000001...)."""
+  """The same clicks with int64 and with 10-character string ids (U000000080, N000000030)."""
   import numpy as np
   import pandas as pd
   base = synthetic.PRESETS["news"]

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import tensorflow as tf
 from absl import logging
 
 from preprocess import manifest as mf
-from preprocess.fileio import write_bytes_atomic
+from preprocess.fileio import write_parquet_atomic
 from preprocess.vocab import Vocabulary
 from trainer import input_pipeline, ranking_metrics
 
@@ -118,8 +117,6 @@ def write_reranked(manifest: mf.RankingManifest, p: dict[str, np.ndarray],
       "recall_rank": pa.array(p["recall_rank"][order], pa.int32()),
       "label": pa.array(p["label"][order], pa.int8()),
   })
-  buffer = pa.BufferOutputStream()
-  pq.write_table(table, buffer)
   path = Path(directory) / RERANKED_FILE
-  write_bytes_atomic(path, buffer.getvalue().to_pybytes())
+  write_parquet_atomic(path, table)
   return path

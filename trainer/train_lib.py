@@ -44,7 +44,7 @@ import tensorflow as tf
 from absl import logging
 
 from preprocess import manifest as mf
-from preprocess.fileio import os_error_reason, write_json_atomic
+from preprocess.fileio import os_error_reason, remove_path, write_json_atomic
 from trainer import cluster
 from trainer import config as config_lib
 from trainer import evaluation, export, input_pipeline, models, ranking_eval, selection, strategies
@@ -648,16 +648,10 @@ def remove_leftovers(model_dir: Path) -> None:
   checkpoint temporaries (ckpt-N_temp/), this project's atomic-write
   temporaries (.NAME.tmp-*) and export copies (.export.tmp-*, .export.old-*).
   Only the writer of model_dir (the run holding its lock) calls this."""
+  ours = (".*.tmp-*", ".*.old-*")
   checkpoints = model_dir / CHECKPOINT_DIR
-  folders = [model_dir, checkpoints, checkpoints / selection.BEST_DIR]
-  for folder in folders:
-    if not folder.is_dir():
-      continue
-    for stale in [*folder.glob("*_temp"), *folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")]:
-      if folder == model_dir and stale.name.endswith("_temp"):
-        continue  # only checkpoints/ holds TensorFlow's temporaries
-      if stale.is_dir() and not stale.is_symlink():
-        shutil.rmtree(stale, ignore_errors=True)
-      else:
-        stale.unlink(missing_ok=True)
+  for folder, patterns in ((model_dir, ours), (checkpoints, ("*_temp", *ours)),
+                           (checkpoints / selection.BEST_DIR, ("*_temp", *ours))):
+    for stale in (path for pattern in patterns for path in folder.glob(pattern)):
+      remove_path(stale)
       logging.info("removed %s, left by a run that was killed", stale)
