@@ -1,5 +1,5 @@
 """The `preprocess` job: raw click logs -> vocabularies + sharded TFRecords.
 
-`preprocess.manifest` defines the data contract that `trainer` and `retrieval`
-read; the other modules build it.
+`contracts.manifest` defines the data contract that it writes and `trainer`
+and `retrieval` read.
 """

@@ -12,16 +12,16 @@
   preprocess --mode=ranking --data_dir=OUT --candidates=CANDS_VALID,CANDS_TEST \
       --output_dir=RANK_OUT          # retrieval candidates -> ranking examples (ranking.py)
 
-See preprocess/manifest.py for what OUT and RANK_OUT contain.
+See contracts/manifest.py for what OUT and RANK_OUT contain.
 """
 
 
 from absl import app, flags, logging
 
-from preprocess import cli
-from preprocess import manifest as mf
+from contracts import cli
+from contracts import manifest as mf
+from contracts.errors import ConfigError, DataError
 from preprocess import pipeline, ranking, readers
-from preprocess.errors import ConfigError, DataError
 
 FLAGS = flags.FLAGS
 _R = ranking.RankingConfig(data_dir="", candidates=(), output_dir="")

@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from absl import logging
 
-from preprocess import manifest as mf
+from contracts import manifest as mf
+from contracts import sequences as sq
+from contracts.errors import DataError
+from contracts.fileio import atomic_directory, check_replaceable, locked_output, output_errors
 from preprocess import readers
-from preprocess import sequences as sq
-from preprocess.errors import DataError
-from preprocess.fileio import atomic_directory, check_replaceable, locked_output, output_errors
 from preprocess.tfrecord_writer import TFRecordFileWriter
 
 

@@ -51,21 +51,17 @@ import numpy as np
 import pyarrow.parquet as pq
 from absl import logging
 
-from preprocess import histories
-from preprocess import manifest as mf
-from preprocess import sequences as sq
-from preprocess.errors import ConfigError, DataError
-from preprocess.fileio import (atomic_directory, check_replaceable, locked_output,
-                               output_errors, sha256_file)
+from contracts import histories
+from contracts import manifest as mf
+from contracts import sequences as sq
+from contracts.candidates import CANDIDATE_COLUMNS, CANDIDATES_DIR, JOB_FILE, SUCCESS_FILE
+from contracts.errors import ConfigError, DataError
+from contracts.export_manifest import EXPORT_DIR, data_fingerprint, load_info
+from contracts.fileio import (atomic_directory, check_replaceable, locked_output, output_errors,
+                              sha256_file)
+from contracts.vocab import Vocabulary
 from preprocess.tfrecord_writer import TFRecordFileWriter
-from preprocess.vocab import Vocabulary
-from trainer.export_info import EXPORT_DIR, data_fingerprint, load_info
 
-# The retrieval job's output layout (retrieval/job.py; not imported: it loads FAISS).
-RETRIEVAL_JOB_FILE = "job.json"
-RETRIEVAL_SUCCESS_FILE = "_SUCCESS"
-RETRIEVAL_CANDIDATES_DIR = "candidates"
-CANDIDATE_COLUMNS = ("user_id", "article_id", "recall_score", "recall_rank")
 NEGATIVE_SAMPLING = ("random", "top", "mixed")
 HOURS_PER_UNIT = {"ms": 1 / 3_600_000, "s": 1 / 3600}  # "order" has no clock
 
@@ -132,16 +128,16 @@ def read_candidates(directory: Path | str, manifest: mf.Manifest, items: Vocabul
                     users: Vocabulary) -> Candidates:
   """Reads a finished retrieval output made from `manifest`'s data (DataError otherwise)."""
   directory = Path(directory).absolute()
-  job_file = directory / RETRIEVAL_JOB_FILE
+  job_file = directory / JOB_FILE
   if not job_file.is_file():
-    raise DataError(f"--candidates={directory}: no {RETRIEVAL_JOB_FILE} (not a retrieval job "
+    raise DataError(f"--candidates={directory}: no {JOB_FILE} (not a retrieval job "
                     "output directory)")
   try:
     job = json.loads(job_file.read_text())
   except (OSError, ValueError) as e:
-    raise DataError(f"--candidates={directory}: {RETRIEVAL_JOB_FILE} is unreadable ({e})") from None
-  if not (directory / RETRIEVAL_SUCCESS_FILE).is_file():
-    raise DataError(f"--candidates={directory}: no {RETRIEVAL_SUCCESS_FILE}; the retrieval job "
+    raise DataError(f"--candidates={directory}: {JOB_FILE} is unreadable ({e})") from None
+  if not (directory / SUCCESS_FILE).is_file():
+    raise DataError(f"--candidates={directory}: no {SUCCESS_FILE}; the retrieval job "
                     "has not finished (re-run it to complete the missing parts)")
   if job.get("data_fingerprint") != data_fingerprint(manifest):
     raise DataError(f"--candidates={directory}: made from another data directory than "
@@ -150,9 +146,9 @@ def read_candidates(directory: Path | str, manifest: mf.Manifest, items: Vocabul
   if split not in manifest.eval_splits:
     raise DataError(f"--candidates={directory}: made with --eval_split={split}; ranking data "
                     f"needs lists for a held-out click ({', '.join(manifest.eval_splits)})")
-  parts = sorted((directory / RETRIEVAL_CANDIDATES_DIR).glob("part-*.parquet"))
+  parts = sorted((directory / CANDIDATES_DIR).glob("part-*.parquet"))
   if not parts:
-    raise DataError(f"--candidates={directory}: no {RETRIEVAL_CANDIDATES_DIR}/part-*.parquet")
+    raise DataError(f"--candidates={directory}: no {CANDIDATES_DIR}/part-*.parquet")
   tables = []
   for part in parts:
     try:

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pyarrow.types as patypes
 from absl import logging
 
-from preprocess.errors import DataError
-from preprocess.fileio import os_error_reason
+from contracts.errors import DataError
+from contracts.fileio import os_error_reason
 
 SOURCES = ("news", "movielens", "sasrec_txt", "csv", "sequences", "recbole", "jsonl")
 # Sources whose columns are named by CsvOptions (--user_col, --item_col, ...).

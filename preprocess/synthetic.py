@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from preprocess.fileio import atomic_directory, locked_output, output_errors, write_json_atomic
+from contracts.fileio import atomic_directory, locked_output, output_errors, write_json_atomic
 from preprocess.readers import NEWS_ARTICLES, NEWS_CLICKS
 
 # Written beside the two CSVs: it marks the directory as this generator's, so

@@ -1,7 +1,9 @@
 """The `retrieval` job.
 
-It imports `trainer` first so TensorFlow starts with trainer's CPU allocator
-setting (see trainer/__init__.py).
+Importing the package sets the process up for TensorFlow before it loads
+(contracts/tf_runtime.py): the user tower runs in TensorFlow.
 """
 
-import trainer  # noqa: F401
+from contracts import tf_runtime
+
+tf_runtime.prefer_bfc_allocator()

@@ -24,8 +24,8 @@ import faiss
 import numpy as np
 from absl import logging
 
-from preprocess.errors import DataError
-from preprocess.fileio import write_bytes_atomic, write_json_atomic
+from contracts.errors import DataError
+from contracts.fileio import write_bytes_atomic, write_json_atomic
 
 INDEX_TYPES = ("flat", "ivf", "ivf_pq", "hnsw")
 MIN_POINTS_PER_LIST = 39

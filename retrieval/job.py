@@ -29,7 +29,7 @@ names are a function of the flags and a re-run skips every part that exists
 sums in its Parquet metadata, so a resumed job reports the same metrics as
 an uninterrupted one.
 
-Queries (preprocess/histories.py): with `eval_split=valid` each user's query
+Queries (contracts/histories.py): with `eval_split=valid` each user's query
 is the training history (the notebooks' export), with `test` the training
 history plus the validation click, with `none` every click (serving). The
 seen items removed are the whole query history, not only its last
@@ -53,24 +53,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from absl import logging
 
-from preprocess import histories
-from preprocess import locks
-from preprocess import manifest as mf
-from preprocess.errors import ConfigError, DataError
-from preprocess.fileio import sha256_file, write_json_atomic, write_parquet_atomic
-from preprocess.vocab import Vocabulary
+from contracts import histories
+from contracts import locks
+from contracts import manifest as mf
+from contracts import metrics
+from contracts.candidates import (CANDIDATES_DIR, INDEX_DIR, JOB_FILE, LABELS_FILE, METRICS_FILE,
+                                  SUCCESS_FILE, candidate_schema)
+from contracts.errors import ConfigError, DataError
+from contracts.export_manifest import EXPORT_DIR, ExportInfo
+from contracts.fileio import sha256_file, write_json_atomic, write_parquet_atomic
+from contracts.vocab import Vocabulary
 from retrieval import index as index_lib
-from retrieval import metrics
 from retrieval import search as search_lib
 from retrieval import user_tower as tower_lib
-from trainer.export_info import EXPORT_DIR, ExportInfo
 
-JOB_FILE = "job.json"
-INDEX_DIR = "index"
-LABELS_FILE = "labels.parquet"  # in INDEX_DIR, string ids only: label (int64) -> item_id
-CANDIDATES_DIR = "candidates"
-SUCCESS_FILE = "_SUCCESS"
-METRICS_FILE = "metrics.json"
 STATS_KEY = b"retrieval_stats"
 EVAL_NONE = "none"
 SHARE_LOCK_PREFIX = ".lock-"
@@ -78,12 +74,6 @@ INDEX_LOCK = ".lock-index"
 # How long a worker waits for another job's exclusive hold (replacing its
 # output: deletions only) before it reports the directory as busy.
 CLAIM_WAIT_SECONDS = 60.0
-
-
-def candidate_schema(user_type: pa.DataType, item_type: pa.DataType) -> pa.Schema:
-  """A candidate part's columns; the id types are the vocabularies' raw types."""
-  return pa.schema([("user_id", user_type), ("article_id", item_type),
-                    ("recall_score", pa.float32()), ("recall_rank", pa.int32())])
 
 
 @dataclasses.dataclass(frozen=True)

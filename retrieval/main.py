@@ -11,8 +11,8 @@ import os
 
 from absl import app, flags, logging
 
-from preprocess import cli
-from preprocess.errors import ConfigError, DataError
+from contracts import cli
+from contracts.errors import ConfigError, DataError
 from retrieval import index as index_lib
 from retrieval import job
 

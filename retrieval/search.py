@@ -22,7 +22,7 @@ import dataclasses
 import faiss
 import numpy as np
 
-from preprocess.vocab import Vocabulary
+from contracts.vocab import Vocabulary
 from retrieval import index as index_lib
 
 

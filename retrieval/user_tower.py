@@ -4,9 +4,9 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess import manifest as mf
-from preprocess.errors import DataError
-from trainer.export_info import EXPORT_DIR, ExportInfo, check_vocabularies, load_info
+from contracts import manifest as mf
+from contracts.errors import DataError
+from contracts.export_manifest import EXPORT_DIR, ExportInfo, check_vocabularies, load_info
 
 
 def check_export_matches_data(model_dir: Path, manifest: mf.Manifest) -> ExportInfo:

@@ -12,11 +12,20 @@ import tensorflow as tf  # noqa: E402
 
 from preprocess import pipeline, synthetic  # noqa: E402
 
+
 # Two logical CPU devices for MirroredStrategy tests (no GPU here). TF allows
 # this only before it starts, so it is done once for the whole session.
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+
+@pytest.fixture(autouse=True)
+def _no_global_tf_seed_between_tests():
+  """A test that seeds TensorFlow's global generator leaves it as it found it,
+  so no test's outcome depends on the ones that ran before it."""
+  yield
+  tf.random.set_seed(None)
 
 
 @contextlib.contextmanager
@@ -74,7 +83,7 @@ def small_trainer_config(data_dir, model_dir, **overrides):
               warmup_steps=1, jit_compile=False, shuffle_buffer=256,
               early_stopping_metric="")  # model selection: tests/test_selection.py
   # Built in one call, not dataclasses.replace: the model's own defaults
-  # (MODEL_DEFAULTS) must resolve for the model asked for.
+  # (the registry entry's defaults) must resolve for the model asked for.
   return TrainerConfig(**{**base, **overrides})
 
 

@@ -117,7 +117,8 @@ def make_model(max_hist_len=5, **overrides):
                 item_category=item_category, max_hist_len=max_hist_len,
                 dense_mean=np.array([10.0, 3.0], np.float32),
                 dense_var=np.array([4.0, 0.0], np.float32),
-                emb_dim=8, gru_units=8, mlp_units=(16, 8), attention_units=(8, 4))
+                emb_dim=8, gru_units=8, mlp_units=(16, 8), attention_units=(8, 4),
+                evolution="aigru", dropout=0.2, aux_loss=False, wide_dense=False)
   kwargs.update(overrides)
   return DIEN(**kwargs).build_variables()
 
@@ -160,6 +161,7 @@ def test_forward_shapes_and_auxiliary_loss():
   assert float(aux) == 0.0
 
 
+@pytest.mark.slow
 def test_jit_compiled_adam_steps_reduce_the_loss():
   # Small: XLA's compile of the unrolled GRUs and their gradients is most of the time.
   keras.utils.set_random_seed(1)

@@ -1,4 +1,4 @@
-"""preprocess/locks.py: one holder at a time, released however the holder ends."""
+"""contracts/locks.py: one holder at a time, released however the holder ends."""
 
 import os
 import signal
@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from preprocess import locks
-from preprocess.errors import DataError
+from contracts import locks
+from contracts.errors import DataError
 
 
 def test_a_second_holder_is_refused_with_the_first_named(tmp_path):
@@ -28,7 +28,7 @@ def test_released_when_the_holder_is_killed_9(tmp_path):
   directory = tmp_path / "out"
   holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
       import time
-      from preprocess import locks
+      from contracts import locks
       with locks.exclusive({str(directory)!r}, "job"):
         print("held", flush=True)
         time.sleep(120)

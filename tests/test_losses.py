@@ -106,6 +106,7 @@ def test_sampled_pool_is_deterministic_per_seed_and_needs_no_symmetric():
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.slow
 def test_cross_replica_loss_and_gradients_equal_single_device(symmetric):
   """2 replicas with gathered negatives == one device on the global batch."""
   strategy = strategies.mirrored(("/cpu:0", "/cpu:1"))

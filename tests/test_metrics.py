@@ -1,6 +1,6 @@
 import numpy as np
 
-from retrieval import metrics
+from contracts import metrics
 
 
 def test_target_ranks_with_seen_items_removed_and_ties_by_index():

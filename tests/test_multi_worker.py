@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import small_trainer_config
-from preprocess.errors import ConfigError
+from contracts.errors import ConfigError
 from trainer import cluster, input_pipeline, train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +106,7 @@ def single_process_loss_of_the_same_global_batch(manifest, model_dir, loss, work
 
 
 @pytest.mark.parametrize("loss", ["in_batch", "softmax"])
+@pytest.mark.slow
 def test_two_workers_train_like_one_process_and_only_the_chief_writes(tiny_windows, tmp_path,
                                                                       loss):
   model_dir = tmp_path / "m"
@@ -133,6 +134,7 @@ def test_two_workers_train_like_one_process_and_only_the_chief_writes(tiny_windo
   assert restored.restore() == 3
 
 
+@pytest.mark.slow
 def test_a_killed_worker_fails_the_other_and_a_rerun_resumes(tiny_windows, tmp_path):
   model_dir = tmp_path / "m"
   args = [*TINY_MODEL, "--loss=softmax", "--noexport", f"--data_dir={tiny_windows.data_dir}",
@@ -179,6 +181,7 @@ def test_a_killed_worker_fails_the_other_and_a_rerun_resumes(tiny_windows, tmp_p
   assert f"trainer: step {saved_step + 2}" in rerun[0]
 
 
+@pytest.mark.slow
 def test_two_workers_take_the_chiefs_early_stopping_decision(tiny_windows, tmp_path):
   """The chief evaluates and decides; the other worker stops at the same step."""
   model_dir = tmp_path / "m"

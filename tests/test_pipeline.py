@@ -15,10 +15,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_config, small_tmpfs
-from preprocess import manifest as mf
-from preprocess import fileio, locks, pipeline, tfrecord_writer
-from preprocess.errors import DataError
-from preprocess.vocab import Vocabulary
+from contracts import fileio, locks
+from contracts import manifest as mf
+from contracts.errors import DataError
+from contracts.vocab import Vocabulary
+from preprocess import pipeline, tfrecord_writer
 
 
 def read_split(manifest, split):
@@ -364,6 +365,7 @@ def test_damaged_shard_is_named(tiny_news_dir, tmp_path):
     manifest.verify_shards("train", checksums=True)
 
 
+@pytest.mark.slow
 def test_disk_full_in_a_forked_shard_writer_ends_with_one_error_and_no_temporary(
     tiny_news_dir, tmp_path):
   # Every shard in turn is the one that meets the full disk, so the failure
@@ -373,7 +375,7 @@ def test_disk_full_in_a_forked_shard_writer_ends_with_one_error_and_no_temporary
       import errno
       from pathlib import Path
       from preprocess import pipeline
-      from preprocess.errors import DataError
+      from contracts.errors import DataError
       from tests.conftest import make_config
 
       write_shard = pipeline._write_shard
@@ -401,6 +403,7 @@ def test_disk_full_in_a_forked_shard_writer_ends_with_one_error_and_no_temporary
   assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_really_full_disk_with_two_writers_is_one_line_and_leaves_the_disk_empty(
     tiny_news_dir, tmp_path):
   small = tmp_path / "small"

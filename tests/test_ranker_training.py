@@ -10,16 +10,16 @@ import pytest
 import tensorflow as tf
 
 from conftest import small_trainer_config
-from preprocess import manifest as mf
-from preprocess.vocab import Vocabulary
+from contracts import manifest as mf
+from contracts.export_manifest import load_ranker_info
+from contracts.vocab import Vocabulary
 from trainer import config as config_lib
 from trainer import export, ranking_eval, train_lib
-from trainer.export_info import load_ranker_info
 
 
 def dien_config(data, model_dir, **overrides):
   return small_trainer_config(data.data_dir, model_dir, model="dien", emb_dim=8, gru_units=8,
-                              tower_units=(16,), batch_size=32, rank_eval_topk=(5, 10),
+                              mlp_units=(16,), batch_size=32, rank_eval_topk=(5, 10),
                               **overrides)
 
 
@@ -29,6 +29,7 @@ def weights_of(trainer):
 
 # XLA for the variant with the most graph (the binary's default is jit_compile).
 @pytest.mark.parametrize("evolution,aux,jit", [("aigru", 0.0, False), ("augru", 1.0, True)])
+@pytest.mark.slow
 def test_one_dien_step_changes_weights(tiny_ranking, tmp_path, evolution, aux, jit):
   config = dien_config(tiny_ranking, tmp_path / "m", evolution=evolution, aux_loss_weight=aux,
                        train_steps=1, steps_per_loop=1, export=False, jit_compile=jit)
@@ -43,6 +44,7 @@ def test_one_dien_step_changes_weights(tiny_ranking, tmp_path, evolution, aux, j
   assert sum(changed) >= len(changed) - 2  # user/item rows not in the batch may stay
 
 
+@pytest.mark.slow
 def test_dien_resume_equals_an_uninterrupted_run(tiny_ranking, tmp_path):
   straight = train_lib.Trainer(dien_config(tiny_ranking, tmp_path / "a", train_steps=4,
                                            export=False), tiny_ranking)
@@ -58,6 +60,7 @@ def test_dien_resume_equals_an_uninterrupted_run(tiny_ranking, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dien_trains_evaluates_reranks_and_exports(tiny_ranking, tmp_path):
   model_dir = tmp_path / "m"
   result = train_lib.train(dien_config(tiny_ranking, model_dir, train_steps=6), tiny_ranking)
@@ -105,11 +108,12 @@ def test_dien_refuses_sequence_data_and_retrieval_models_refuse_ranking_data(
     config_lib.validate(small_trainer_config(tiny_ranking.data_dir, tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_dien_binary_prints_the_reranking_headline(tiny_ranking, tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "trainer.main", "--model=dien", f"--data_dir={tiny_ranking.data_dir}",
        f"--model_dir={tmp_path / 'm'}", "--train_steps=2", "--batch_size=32", "--emb_dim=8",
-       "--gru_units=8", "--tower_units=16", "--evolution=augru", "--aux_loss_weight=0.5",
+       "--gru_units=8", "--mlp_units=16", "--evolution=augru", "--aux_loss_weight=0.5",
        "--nojit_compile", "--log_every_steps=1", "--steps_per_loop=1"],
       capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
@@ -117,9 +121,10 @@ def test_dien_binary_prints_the_reranking_headline(tiny_ranking, tmp_path):
   assert (tmp_path / "m" / "export" / "ranker" / "saved_model.pb").exists()
 
 
+@pytest.mark.slow
 def test_dien_trains_under_mirrored_on_two_cpus(tiny_ranking, tmp_path):
   config = dien_config(tiny_ranking, tmp_path / "m", strategy="mirrored", num_cpu_replicas=2,
                        train_steps=2, export=False)
   result = train_lib.train(config, tiny_ranking)
   assert result.global_step == 2
-  assert np.isfinite(result.metrics["auc"]) and result.metrics["users"] > 0
+  assert np.isfinite(result.metrics["auc"]) and result.metrics["num_users"] > 0

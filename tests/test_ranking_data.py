@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
-from preprocess import manifest as mf
+from contracts import manifest as mf
+from contracts.errors import ConfigError, DataError
+from contracts.vocab import Vocabulary
 from preprocess import pipeline, ranking
-from preprocess.errors import ConfigError, DataError
-from preprocess.vocab import Vocabulary
 from tests.conftest import make_config
-from trainer.export_info import data_fingerprint
+from contracts.export_manifest import data_fingerprint
 from trainer.input_pipeline import parse_batch
 
 T0 = 1_500_000_000_000  # ms

@@ -1,13 +1,10 @@
 import json
 import math
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from trainer import ranking_metrics as rm
+from contracts import metrics as rm
 
 
 def _pairwise_auc(labels, scores) -> float:
@@ -101,38 +98,38 @@ def test_logloss_by_hand():
 def test_rank_within_groups_ties_by_tie_break_then_row():
   # user 2: rows 0 (.5, tb 3), 2 (.9, tb 1), 3 (.5, tb 2), 5 (.5, tb 3):
   #   row 2 first (best score), then the .5 ties by tie_break: row 3 (tb 2),
-  #   then rows 0 and 5 (both tb 3) by row index -> positions 3, 1, 2, 4.
-  # user 1: rows 1 (.3, tb 2), 4 (.3, tb 1): tie -> row 4 first.
+  #   then rows 0 and 5 (both tb 3) by row index -> ranks 2, 0, 1, 3.
+  # user 1: rows 1 (.3, tb 2), 4 (.3, tb 1): tie -> row 4 first (rank 0).
   groups = np.array([2, 1, 2, 2, 1, 2])
   scores = np.array([.5, .3, .9, .5, .3, .5])
   tie_break = np.array([3, 2, 1, 2, 1, 3])
-  positions = rm.rank_within_groups(groups, scores, tie_break)
-  assert positions.tolist() == [3, 2, 1, 2, 1, 4]
+  ranks = rm.rank_within_groups(groups, scores, tie_break)
+  assert ranks.tolist() == [2, 1, 0, 1, 0, 3]
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_rank_within_groups_matches_per_user_sort(seed):
   rng, groups, _, scores = _random_rows(seed)
   tie_break = rng.integers(0, 3, len(groups))
-  positions = rm.rank_within_groups(groups, scores, tie_break)
+  ranks = rm.rank_within_groups(groups, scores, tie_break)
   for g in np.unique(groups):
     rows = np.flatnonzero(groups == g)
     ordered = sorted(rows, key=lambda r: (-scores[r], tie_break[r], r))
-    assert positions[ordered].tolist() == list(range(1, len(rows) + 1))
+    assert ranks[ordered].tolist() == list(range(len(rows)))
 
 
 def test_list_metrics_by_hand_with_a_user_without_positives():
-  # Best positive position: user 0 -> 3 (positives at 3 and 5), user 1 -> 1,
-  # user 2 -> none (a miss, still counted), user 3 -> 2. Four users.
+  # Best positive rank (0-based): user 0 -> 2 (positives at 2 and 4), user 1
+  # -> 0, user 2 -> none (a miss, still counted), user 3 -> 1. Four users.
   # HR@1 = 1/4; NDCG@1 = 1/4.
   # HR@2 = 2/4; NDCG@2 = (1 + 1/log2(3)) / 4 = (1 + 0.6309298) / 4 = 0.4077324.
   # HR@3 = 3/4; NDCG@3 adds 1/log2(4) = 0.5 -> 2.1309298 / 4 = 0.5327324.
   groups = np.array([0, 0, 0, 1, 1, 2, 2, 3, 3])
   labels = np.array([0, 1, 1, 0, 1, 0, 0, 1, 0])
-  positions = np.array([1, 3, 5, 2, 1, 1, 2, 2, 1])
-  out = rm.list_metrics(groups, labels, positions, ks=(1, 2, 3))
-  assert out["users"] == 4
-  assert out["users_with_positive"] == 3
+  ranks = np.array([0, 2, 4, 1, 0, 0, 1, 1, 0])
+  out = rm.list_metrics(groups, labels, ranks, ks=(1, 2, 3))
+  assert out["num_users"] == 4
+  assert out["num_users_with_positive"] == 3
   assert out["hit_rate@1"] == 0.25
   assert out["ndcg@1"] == 0.25
   assert out["hit_rate@2"] == 0.5
@@ -141,44 +138,44 @@ def test_list_metrics_by_hand_with_a_user_without_positives():
   assert np.isclose(out["ndcg@3"], 0.5327324)
 
 
-def test_list_metrics_rejects_zero_based_positions():
-  with pytest.raises(ValueError, match="1-based"):
-    rm.list_metrics(np.array([0, 0]), np.array([1, 0]), np.array([0, 1]), ks=(1,))
+def test_list_metrics_rejects_negative_ranks():
+  with pytest.raises(ValueError, match="0-based"):
+    rm.list_metrics(np.array([0, 0]), np.array([1, 0]), np.array([-1, 0]), ks=(1,))
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_list_metrics_matches_per_user_loop(seed):
   rng, groups, labels, _ = _random_rows(seed)
-  positions = rng.integers(1, 15, len(groups))
+  ranks = rng.integers(0, 14, len(groups))
   ks = (1, 3, 10)
-  out = rm.list_metrics(groups, labels, positions, ks)
+  out = rm.list_metrics(groups, labels, ranks, ks)
   users = np.unique(groups)
   best = []
   for g in users:
     rows = (groups == g) & (labels == 1)
-    best.append(positions[rows].min() if rows.any() else None)
-  assert out["users"] == len(users)
-  assert out["users_with_positive"] == sum(b is not None for b in best)
+    best.append(ranks[rows].min() if rows.any() else None)
+  assert out["num_users"] == len(users)
+  assert out["num_users_with_positive"] == sum(b is not None for b in best)
   for k in ks:
-    hits = [b is not None and b <= k for b in best]
-    gains = [1 / math.log2(1 + b) if hit else 0.0 for b, hit in zip(best, hits)]
+    hits = [b is not None and b < k for b in best]
+    gains = [1 / math.log2(b + 2) if hit else 0.0 for b, hit in zip(best, hits)]
     assert np.isclose(out[f"hit_rate@{k}"], sum(hits) / len(users))
     assert np.isclose(out[f"ndcg@{k}"], sum(gains) / len(users))
 
 
 def test_summarize_scores_equal_to_minus_retrieval_rank_reproduce_retrieval():
-  # Each user's retrieval_rank is a permutation of 1..n; scoring by its
+  # Each user's retrieval_rank is a permutation of 0..n-1; scoring by its
   # negation reranks into the same order, so every reranked metric equals
   # its retrieval twin.
   rng, groups, labels, _ = _random_rows(0)
   retrieval_rank = np.empty(len(groups), np.int32)
   for g in np.unique(groups):
     rows = np.flatnonzero(groups == g)
-    retrieval_rank[rows] = rng.permutation(len(rows)) + 1
+    retrieval_rank[rows] = rng.permutation(len(rows))
   scores = -retrieval_rank.astype(np.float64)
   probabilities = rng.random(len(groups))
   ks = (1, 5, 10)
-  out = rm.summarize(groups, labels, scores, probabilities, retrieval_rank, ks)
+  out = rm.summarize_reranking(groups, labels, scores, probabilities, retrieval_rank, ks)
   for k in ks:
     assert out[f"hit_rate@{k}"] == out[f"retrieval_hit_rate@{k}"]
     assert out[f"ndcg@{k}"] == out[f"retrieval_ndcg@{k}"]
@@ -186,7 +183,7 @@ def test_summarize_scores_equal_to_minus_retrieval_rank_reproduce_retrieval():
   assert np.isclose(out["gauc"], out["retrieval_gauc"])  # reached via 1 - GAUC(-score)
   assert out["examples"] == len(groups)
   assert out["positives"] == int(labels.sum())
-  assert out["users"] == len(np.unique(groups))
+  assert out["num_users"] == len(np.unique(groups))
   assert np.isclose(out["logloss"], rm.logloss(labels, probabilities))
   assert all(type(v) in (int, float) for v in out.values())
   json.dumps(out)
@@ -197,8 +194,8 @@ def test_summarize_agrees_with_the_single_metric_functions(seed):
   # summarize shares one sort between the reranked lists and GAUC (GAUC of
   # -score, flipped); it must agree with the direct functions.
   rng, groups, labels, scores = _random_rows(seed)
-  retrieval_rank = rng.integers(1, 20, len(groups))
-  out = rm.summarize(groups, labels, scores, scores, retrieval_rank, ks=(1, 5))
+  retrieval_rank = rng.integers(0, 19, len(groups))
+  out = rm.summarize_reranking(groups, labels, scores, scores, retrieval_rank, ks=(1, 5))
   gauc, used = rm.group_auc(groups, labels, scores)
   assert np.isclose(out["gauc"], gauc) and out["gauc_users"] == used
   assert out["auc"] == rm.auc(labels, scores)
@@ -211,7 +208,7 @@ def test_summarize_agrees_with_the_single_metric_functions(seed):
 
 
 def test_summarize_by_hand_reranking_helps():
-  # Retrieval order: user 0 has its click at rank 2, user 1 at rank 1.
+  # Retrieval order: user 0 has its click at rank 1 (0-based), user 1 at rank 0.
   # The ranker puts user 0's click first and keeps user 1's (tie -> retrieval
   # order). Reranked HR@1 = 2/2, retrieval HR@1 = 1/2; retrieval NDCG@2 =
   # (1/log2(3) + 1) / 2 = 0.8154649. AUC: positives .8, .5 vs negatives .3,
@@ -219,18 +216,10 @@ def test_summarize_by_hand_reranking_helps():
   groups = np.array([0, 0, 1, 1])
   labels = np.array([0, 1, 1, 0])
   scores = np.array([.3, .8, .5, .5])
-  retrieval_rank = np.array([1, 2, 1, 2])
-  out = rm.summarize(groups, labels, scores, scores, retrieval_rank, ks=(1, 2))
+  retrieval_rank = np.array([0, 1, 0, 1])
+  out = rm.summarize_reranking(groups, labels, scores, scores, retrieval_rank, ks=(1, 2))
   assert out["hit_rate@1"] == 1.0
   assert out["retrieval_hit_rate@1"] == 0.5
   assert np.isclose(out["retrieval_ndcg@2"], 0.8154649)
   assert out["auc"] == 0.875
-  assert out["users_with_positive"] == 2
-
-
-def test_module_does_not_import_tensorflow():
-  # conftest imports TF in this process, so check in a fresh interpreter.
-  code = ("import sys; import trainer.ranking_metrics; "
-          "sys.exit('tensorflow' in sys.modules)")
-  repo = pathlib.Path(__file__).resolve().parents[1]
-  assert subprocess.run([sys.executable, "-c", code], cwd=repo).returncode == 0
+  assert out["num_users_with_positive"] == 2

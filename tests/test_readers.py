@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from contracts.errors import DataError
 from preprocess import readers
-from preprocess.errors import DataError
 
 CLICKS = ("user_id,click_article_id,click_timestamp,click_environment\n"
           "7,100,3000,4\n5,101,1000,4\n7,102,2000,4\n")

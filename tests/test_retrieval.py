@@ -12,12 +12,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from preprocess import locks
-from preprocess.errors import DataError
-from preprocess.vocab import Vocabulary
+from contracts import locks
+from contracts import metrics
+from contracts.errors import DataError
+from contracts.vocab import Vocabulary
 from retrieval import index as index_lib
 from retrieval import job
-from retrieval import metrics
 from retrieval import search as search_lib
 
 
@@ -187,6 +187,7 @@ def test_flat_job_metrics_equal_the_trainers_full_ranking(tiny_data, tiny_export
   assert (tmp_path / "out" / job.SUCCESS_FILE).exists()
 
 
+@pytest.mark.slow
 def test_two_workers_together_equal_one(tiny_data, tiny_export, tmp_path):
   job.run(job_config(tiny_data, tiny_export, tmp_path / "one"))
   first = job.run(job_config(tiny_data, tiny_export, tmp_path / "two", num_workers=2))
@@ -224,6 +225,7 @@ def test_rerun_after_a_crash_finishes_the_missing_parts_only(tiny_data, tiny_exp
     assert resumed[key] == pytest.approx(complete[key])
 
 
+@pytest.mark.slow
 def test_ivf_job_reports_ann_recall(tiny_data, tiny_export, tmp_path):
   result = job.run(job_config(tiny_data, tiny_export, tmp_path / "ivf", index="ivf",
                               ann_recall_users=50))
@@ -234,6 +236,7 @@ def test_ivf_job_reports_ann_recall(tiny_data, tiny_export, tmp_path):
   assert full["ann_recall@20"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_another_jobs_output_is_refused_without_overwrite(tiny_data, tiny_export, tmp_path):
   job.run(job_config(tiny_data, tiny_export, tmp_path / "out"))
   with pytest.raises(job.ConfigError, match="differs in topk"):
@@ -271,6 +274,7 @@ def test_bad_flags_fail_before_work_with_one_line(tiny_data, tiny_export, tmp_pa
   assert not out.exists()
 
 
+@pytest.mark.slow
 def test_model_without_export_or_from_other_data_is_refused(tiny_data, tiny_news_dir,
                                                             tiny_export, tmp_path):
   from preprocess import pipeline
@@ -298,6 +302,7 @@ def _start_cli(tiny_data, tiny_export, out, *extra):
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_jobs_with_other_flags_started_together_one_wins(tiny_data, tiny_export, tmp_path):
   out = tmp_path / "out"
   procs = [_start_cli(tiny_data, tiny_export, out, f"--topk={k}") for k in (20, 30)]
@@ -314,6 +319,7 @@ def test_two_jobs_with_other_flags_started_together_one_wins(tiny_data, tiny_exp
   assert json.loads((out / job.METRICS_FILE).read_text())["topk"] == topk
 
 
+@pytest.mark.slow
 def test_workers_of_one_job_started_together_share_it(tiny_data, tiny_export, tmp_path):
   job.run(job_config(tiny_data, tiny_export, tmp_path / "one", batch_size=10))
   procs = [_start_cli(tiny_data, tiny_export, tmp_path / "two", "--topk=20", "--num_workers=2",
@@ -335,6 +341,7 @@ def test_a_share_that_is_running_is_not_run_twice(tiny_data, tiny_export, tmp_pa
   job.run(job_config(tiny_data, tiny_export, out))  # released: the same job runs
 
 
+@pytest.mark.slow
 def test_overwrite_is_refused_while_a_worker_of_the_other_job_runs(tiny_data, tiny_export,
                                                                   tmp_path, monkeypatch):
   out = tmp_path / "out"
@@ -353,6 +360,7 @@ def test_overwrite_is_refused_while_a_worker_of_the_other_job_runs(tiny_data, ti
   assert result["candidates"] == result["users"] * 10
 
 
+@pytest.mark.slow
 def test_damaged_job_file_and_a_file_as_output_are_one_line_errors(tiny_data, tiny_export,
                                                                    tmp_path):
   out = tmp_path / "out"
@@ -370,12 +378,13 @@ def test_damaged_job_file_and_a_file_as_output_are_one_line_errors(tiny_data, ti
   assert len(result.stderr.strip().splitlines()) == 1 and a_file.read_text() == "x"
 
 
+@pytest.mark.slow
 def test_users_rekeyed_under_the_same_items_are_refused_for_a_user_embedding(
     tiny_data, tiny_export, tmp_path):
   import pyarrow as pa
   from tests.conftest import small_trainer_config
   from trainer import train_lib
-  from trainer.export_info import load_info
+  from contracts.export_manifest import load_info
   two_tower = tmp_path / "two_tower"
   train_lib.train(small_trainer_config(tiny_data.data_dir, two_tower, model="two_tower",
                                        train_steps=2, eval_split="test"), tiny_data)
@@ -394,6 +403,6 @@ def test_users_rekeyed_under_the_same_items_are_refused_for_a_user_embedding(
     job.run(job_config(tiny_data, two_tower, tmp_path / "out", data_dir=str(rekeyed)))
   assert not (tmp_path / "out").exists()
   # sasrec reads histories only: the re-keyed users are no concern of it.
-  from preprocess import manifest as mf
+  from contracts import manifest as mf
   from retrieval import user_tower
   user_tower.check_export_matches_data(tiny_export, mf.load(rekeyed))

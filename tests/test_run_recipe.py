@@ -43,6 +43,7 @@ def run_tiny_recipe(tiny_news_dir, work, seeds, metrics, header=""):
                   f"--data_root={tiny_news_dir.parent}", f"--metrics={metrics}")
 
 
+@pytest.mark.slow
 def test_two_seeds_give_valid_and_test_metrics_and_their_mean(tiny_news_dir, tmp_path):
   work = tmp_path / "work"
   result = run_tiny_recipe(tiny_news_dir, work, "1,2", "hit_rate@10,ndcg@10")
@@ -64,6 +65,7 @@ def test_two_seeds_give_valid_and_test_metrics_and_their_mean(tiny_news_dir, tmp
   assert again.returncode == 0 and "$ " not in again.stdout
 
 
+@pytest.mark.slow
 def test_also_evaluate_scores_the_same_checkpoints_with_the_other_protocol(tiny_news_dir,
                                                                            tmp_path):
   work = tmp_path / "work"
@@ -88,6 +90,7 @@ def test_also_evaluate_scores_the_same_checkpoints_with_the_other_protocol(tiny_
   assert "also evaluated (--eval_negatives=5)" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_failed_second_evaluation_names_its_log_and_leaves_no_file(tiny_news_dir, tmp_path):
   work = tmp_path / "work"
   result = run_tiny_recipe(tiny_news_dir, work, "1", "hit_rate@5",
@@ -129,6 +132,7 @@ def test_a_recipe_without_its_preprocess_line_is_refused(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_an_unknown_metric_is_named_and_no_summary_is_written(tiny_news_dir, tmp_path):
   work = tmp_path / "work"
   result = run_tiny_recipe(tiny_news_dir, work, "1", "hit_rate@100")

@@ -73,6 +73,7 @@ def scripted_evaluations(monkeypatch, values):
   monkeypatch.setattr(evaluation.Evaluator, "evaluate", evaluate)
 
 
+@pytest.mark.slow
 def test_early_stopping_on_a_scripted_sequence_restores_and_exports_the_best_step(
     tiny_windows, tmp_path, monkeypatch):
   # Evaluations every 2 steps score 0.1, 0.4, 0.3, 0.2, 0.35: the best is step
@@ -115,6 +116,7 @@ def test_early_stopping_on_a_scripted_sequence_restores_and_exports_the_best_ste
   assert again.global_step == 10 and again.metrics["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_mode_eval_reproduces_the_final_metrics_and_writes_only_its_file(tiny_windows,
                                                                          tmp_path):
   model_dir = tmp_path / "m"
@@ -149,6 +151,7 @@ def test_mode_eval_reproduces_the_final_metrics_and_writes_only_its_file(tiny_wi
   assert printed["global_step"] == 12 and printed["protocol"] == "sampled_20"
 
 
+@pytest.mark.slow
 def test_mode_eval_refuses_a_missing_best_and_another_architecture(tiny_windows, tmp_path):
   model_dir = tmp_path / "m"
   train_lib.Trainer(small_trainer_config(tiny_windows.data_dir, model_dir, export=False),
@@ -175,6 +178,7 @@ def evaluation_count(model_dir):
   return len(json.loads(curve.read_text())["curve"]) if curve.is_file() else 0
 
 
+@pytest.mark.slow
 def test_kill_9_mid_patience_then_rerun_equals_the_uninterrupted_run(tiny_windows, tmp_path):
   args = [*ENV_FLAGS, f"--data_dir={tiny_windows.data_dir}", "--epochs=40",
           "--early_stopping_patience=2", "--steps_per_loop=1", "--checkpoint_every_steps=7"]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from preprocess import sequences as sq
+from contracts import sequences as sq
 
 
 def seqs_of(*users):

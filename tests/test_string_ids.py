@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import small_trainer_config
-from preprocess import manifest as mf
+from contracts import manifest as mf
+from contracts.vocab import Vocabulary
 from preprocess import pipeline, ranking
-from preprocess.vocab import Vocabulary
 from retrieval import job
 
 
@@ -69,6 +69,7 @@ def test_vocabularies_keep_the_raw_strings(string_log, string_data):
 
 
 @pytest.mark.parametrize("model", ["sasrec", "two_tower"])
+@pytest.mark.slow
 def test_retrieval_and_ranking_data_write_the_raw_strings(string_log, string_data, tmp_path,
                                                           model):
   from trainer import ranking_eval, train_lib
@@ -109,7 +110,7 @@ def test_retrieval_and_ranking_data_write_the_raw_strings(string_log, string_dat
       num_shards=2))
   dien_dir = tmp_path / "dien"
   train_lib.train(small_trainer_config(data.data_dir, dien_dir, model="dien", emb_dim=8,
-                                       gru_units=8, tower_units=(16,), batch_size=32,
+                                       gru_units=8, mlp_units=(16,), batch_size=32,
                                        rank_eval_topk=(5, 10), train_steps=2), data)
   reranked = pd.read_parquet(dien_dir / ranking_eval.RERANKED_FILE)
   schema = pq.read_schema(dien_dir / ranking_eval.RERANKED_FILE)
@@ -167,6 +168,7 @@ def _raw_signature_matches_the_index_signature(model_dir, data):
 
 
 @pytest.mark.parametrize("model", ["sasrec", "two_tower"])
+@pytest.mark.slow
 def test_the_raw_id_signatures_give_the_index_signatures_vector(string_data, tmp_path, model):
   from trainer import train_lib
   model_dir = tmp_path / model

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import make_config
+from contracts.errors import DataError
 from preprocess import pipeline, synthetic
-from preprocess.errors import DataError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import baselines  # noqa: E402

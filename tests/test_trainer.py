@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import small_trainer_config
-from preprocess import histories
-from retrieval import metrics
+from contracts import histories
+from contracts import metrics
 from trainer import evaluation, export, train_lib
 from trainer import task as task_lib
 
@@ -19,6 +19,7 @@ def weights_of(trainer):
 
 @pytest.mark.parametrize("model", ["sasrec", "two_tower"])
 @pytest.mark.parametrize("data", ["tiny_data", "tiny_windows"])
+@pytest.mark.slow
 def test_one_training_step_per_model_changes_weights_and_loss_is_finite(
     request, tmp_path, model, data):
   manifest = request.getfixturevalue(data)
@@ -36,6 +37,7 @@ def test_one_training_step_per_model_changes_weights_and_loss_is_finite(
   assert int(trainer.optimizer.iterations.numpy()) == 1
 
 
+@pytest.mark.slow
 def test_weight_decay_shrinks_kernels_and_embeddings_but_not_biases_or_layer_norm(
     tiny_windows, tmp_path):
   """One step with and without --weight_decay from the same initial weights.
@@ -75,6 +77,7 @@ def test_weight_decay_shrinks_kernels_and_embeddings_but_not_biases_or_layer_nor
 
 
 @pytest.mark.parametrize("loss", ["in_batch", "softmax", "sampled_softmax"])
+@pytest.mark.slow
 def test_all_positions_loss_uses_every_real_position(tiny_windows, tmp_path, loss):
   config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", loss=loss, num_sampled=40)
   trainer = train_lib.Trainer(config, tiny_windows)
@@ -99,6 +102,7 @@ def test_all_positions_loss_uses_every_real_position(tiny_windows, tmp_path, los
 
 
 @pytest.mark.parametrize("loss", ["softmax", "sampled_softmax"])
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(tiny_windows, tmp_path, loss):
   """6 steps in one run == 3 steps, a new process state, then 3 more (dropout on)."""
   # The interruption is a 3-step run, so the schedule must not depend on the
@@ -124,6 +128,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_windows, tmp_path, loss):
 
 
 @pytest.mark.parametrize("loss", ["in_batch", "softmax", "sampled_softmax"])
+@pytest.mark.slow
 def test_mirrored_on_two_cpus_trains_checkpoints_and_evaluates(tiny_windows, tmp_path, loss):
   # jit_compile as the binary's default: the gathered loss must still run.
   config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", strategy="mirrored",
@@ -142,6 +147,7 @@ def test_mirrored_on_two_cpus_trains_checkpoints_and_evaluates(tiny_windows, tmp
   assert saved["by_split"]["test"]["split"] == "test" and saved["train_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_windows, tmp_path, monkeypatch):
   original = task_lib.RetrievalTask.loss
 
@@ -173,6 +179,7 @@ def test_a_model_only_checkpoint_restores_every_weight(tiny_windows, tmp_path, m
 
 
 @pytest.mark.parametrize("model", ["sasrec", "two_tower"])
+@pytest.mark.slow
 def test_saved_model_reload_gives_the_same_user_vectors(tiny_windows, tmp_path, model):
   config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", model=model,
                                 train_steps=2)

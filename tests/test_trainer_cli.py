@@ -83,9 +83,18 @@ def test_data_dir_without_manifest_fails_with_one_line(tmp_path):
 
 
 def test_unknown_model_is_refused_by_the_flag_parser(tiny_data, tmp_path):
-  result = trainer("--model=gru4rec", f"--data_dir={tiny_data.data_dir}",
+  result = trainer("--model=bert4rec", f"--data_dir={tiny_data.data_dir}",
                    f"--model_dir={tmp_path}")
-  assert result.returncode != 0 and "gru4rec" in result.stderr
+  assert result.returncode != 0 and "bert4rec" in result.stderr
+  assert "sasrec" in result.stderr  # the choices are named
+
+
+def test_tower_units_with_dien_points_at_its_mlp_flag(tmp_path):
+  result = trainer("--model=dien", "--tower_units=16", f"--data_dir={tmp_path / 'none'}",
+                   f"--model_dir={tmp_path / 'm'}")
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("trainer: error: --tower_units: dien's top MLP is "
+                                   "--mlp_units (--tower_units sets the two_tower towers)")
 
 
 def start(args):
@@ -108,6 +117,7 @@ def checkpoints(model_dir):
       if directory.exists() else []
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_resumes(tiny_windows, tmp_path):
   model_dir = tmp_path / "m"
   args = [f"--data_dir={tiny_windows.data_dir}", f"--model_dir={model_dir}", *SMALL,
@@ -134,6 +144,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_resumes(tiny_windows, 
   assert f"trainer: step {step + 2}," in result.stdout
 
 
+@pytest.mark.slow
 def test_kill_9_then_the_same_command_resumes_and_removes_what_the_killed_run_left(
     tiny_windows, tmp_path):
   model_dir = tmp_path / "m"
@@ -179,6 +190,7 @@ def test_auto_loss_is_the_catalogue_softmax_while_its_logits_fit(tiny_windows):
                                   tiny_windows) == "in_batch"
 
 
+@pytest.mark.slow
 def test_model_defaults_resolve_per_model_and_yield_to_flags():
   def parsed(*flags):
     # In a subprocess: trainer.main defines absl flags other modules also define.
@@ -209,6 +221,7 @@ def test_model_defaults_resolve_per_model_and_yield_to_flags():
   assert (two_tower.loss, two_tower.dropout) == ("auto", 0.0)
 
 
+@pytest.mark.slow
 def test_a_full_or_read_only_model_dir_is_one_line(tiny_windows, tmp_path):
   args = [f"--data_dir={tiny_windows.data_dir}", *SMALL, "--checkpoint_every_steps=2",
           "--train_steps=30", "--noexport"]

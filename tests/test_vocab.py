@@ -2,8 +2,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from preprocess import manifest as mf
-from preprocess.vocab import Vocabulary
+from contracts import manifest as mf
+from contracts.vocab import Vocabulary
 
 
 def test_round_trip_and_unknown_ids_map_to_padding():

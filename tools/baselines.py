@@ -4,7 +4,7 @@
 
 most_popular: items by training clicks. markov: counts of "next click after
 the query's last click" in the training histories, ties by popularity. Both
-are ranked over all items with seen items removed (retrieval/metrics.py
+are ranked over all items with seen items removed (contracts/metrics.py
 states the protocol). On a log with sequential structure markov beats
 most_popular by a wide margin; a trained sequence model should beat both.
 """
@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from absl import app, flags
 
-from preprocess import manifest as mf
-from preprocess import histories
-from retrieval import metrics
+from contracts import manifest as mf
+from contracts import histories
+from contracts import metrics
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "preprocess output directory.")

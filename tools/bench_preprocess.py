@@ -31,7 +31,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from preprocess import manifest as mf
+from contracts import manifest as mf
 from preprocess import synthetic
 
 FLAGS = flags.FLAGS

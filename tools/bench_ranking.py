@@ -41,7 +41,7 @@ def run_case(name: str) -> dict:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf
 
-  from preprocess import manifest as mf
+  from contracts import manifest as mf
   from trainer import config as config_lib, input_pipeline, train_lib
 
   data_dir = os.path.join(FLAGS.work_dir, "data")

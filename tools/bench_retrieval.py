@@ -124,8 +124,8 @@ def notebook_export_loop(data_dir, model_dir, num_users):
   import tensorflow as tf
   sys.path.insert(0, str(Path(FLAGS.seed_script_dir).resolve()))
   from seed_baseline import IdMap, pad_left  # the notebooks' own helpers
-  from preprocess import manifest as mf
-  from trainer.export_info import load_info
+  from contracts import manifest as mf
+  from contracts.export_manifest import load_info
   manifest = mf.load(data_dir)
   info = load_info(model_dir)
   items = pq.read_table(manifest.path(mf.ITEMS_FILE), columns=["item_id"]).column(0)
@@ -210,7 +210,7 @@ def bench_export():
 
 
 def synthetic_model():
-  from preprocess import manifest as mf
+  from contracts import manifest as mf
   from trainer import config as config_lib, export, train_lib
   manifest = mf.load(FLAGS.data_dir)
   config = config_lib.TrainerConfig(data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir,

@@ -119,8 +119,8 @@ def main(argv):
   print(f"   (sasrec+flat/ivf: top-100 candidates written for {ivf['users']} users by the "
         f"retrieval job; IVF nprobe {ivf['nprobe']}/{ivf['nlist']}, ANN recall@100 "
         f"{ivf['ann_recall@100']:.3f})")
-  print(f"\n== ranking: dien reranks sasrec's top-100 test lists ({reranked['users']} users, "
-        f"{reranked['users_with_positive']} with the test click among the candidates)")
+  print(f"\n== ranking: dien reranks sasrec's top-100 test lists ({reranked['num_users']} users, "
+        f"{reranked['num_users_with_positive']} with the test click among the candidates)")
   print(f"   {'order':<14}{'AUC':>8}{'GAUC':>8}{'HR@5':>8}{'NDCG@5':>8}{'NDCG@10':>9}")
   for name, prefix in (("retrieval", "retrieval_"), ("dien rerank", "")):
     print(f"   {name:<14}{reranked[prefix + 'auc']:>8.4f}{reranked[prefix + 'gauc']:>8.4f}"

@@ -12,8 +12,8 @@ import sys
 
 from absl import app, flags
 
+from contracts.errors import DataError
 from preprocess import synthetic
-from preprocess.errors import DataError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "demo", list(synthetic.PRESETS), "Size preset.")

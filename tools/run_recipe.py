@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from preprocess.fileio import write_json_atomic
+from contracts.fileio import write_json_atomic
+from contracts.model_layout import METRICS_FILE
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("recipe", None, "Trainer flagfile with a `# preprocess:` header line.")
@@ -61,7 +62,6 @@ flags.mark_flags_as_required(["recipe", "work_dir"])
 PREPROCESS_TAG = "# preprocess:"
 ALSO_EVALUATE_TAG = "# also evaluate:"
 SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.json"  # the trainer's (train_lib.METRICS_FILE; not imported: TensorFlow)
 
 
 class RecipeError(Exception):

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 
-from preprocess.errors import ConfigError
+from contracts.errors import ConfigError
 
 TRAINING_JOBS = ("chief", "worker")  # jobs that run training steps (MultiWorkerMirroredStrategy)
 

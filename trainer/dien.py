@@ -29,9 +29,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer.config import EVOLUTIONS
 from trainer.models import SeededDropout, checkpoint_list
-
-EVOLUTIONS = ("aigru", "augru")
 
 
 def _f32(x: tf.Tensor) -> tf.Tensor:
@@ -132,10 +131,10 @@ class DIEN(keras.Model):
 
   def __init__(self, *, num_items: int, num_users: int, num_categories: int,
                item_category: np.ndarray, max_hist_len: int, dense_mean: np.ndarray,
-               dense_var: np.ndarray, emb_dim: int = 16, gru_units: int = 32,
-               evolution: str = "aigru", mlp_units=(128, 64), attention_units=(80, 40),
-               dropout: float = 0.2, aux_loss: bool = False, wide_dense: bool = False,
-               user_embedding: bool = True, item_vectors: np.ndarray | None = None,
+               dense_var: np.ndarray, emb_dim: int, gru_units: int, evolution: str,
+               mlp_units: tuple[int, ...], dropout: float, aux_loss: bool, wide_dense: bool,
+               attention_units=(80, 40), user_embedding: bool = True,
+               item_vectors: np.ndarray | None = None,
                dense_log1p: np.ndarray | None = None,
                **kwargs):
     super().__init__(**kwargs)
@@ -159,7 +158,7 @@ class DIEN(keras.Model):
     self.category_embedding = keras.layers.Embedding(num_categories, max(4, emb_dim // 4),
                                                      name="cat_emb")
     self.item_category = tf.constant(item_category, tf.int32)
-    # Features standardised after log1p (preprocess/manifest.py dense_model_input).
+    # Features standardised after log1p (contracts/manifest.py dense_model_input).
     self.dense_log1p = tf.constant(np.zeros(dense_mean.shape, bool) if dense_log1p is None
                                    else np.asarray(dense_log1p, bool))
     # The retrieval model's item vectors, frozen: an item space learnt from every

@@ -1,6 +1,6 @@
 """Leave-one-out evaluation of a retrieval model on a manifest split.
 
-Protocol (retrieval/metrics.py states it): each user of the split has one
+Protocol (contracts/metrics.py states it): each user of the split has one
 held-out target; the query is the user's history up to it (preprocess/
 histories.py); every item except padding is scored, items in the history
 are removed, and the target's rank (ties by lower index) gives HitRate@K,
@@ -15,17 +15,17 @@ users x items matrix ever reaches Python; only one rank per user does.
 import numpy as np
 import tensorflow as tf
 
-from preprocess import histories
-from preprocess import manifest as mf
-from preprocess.sequences import csr_take_rows
-from retrieval import metrics
+from contracts import histories
+from contracts import manifest as mf
+from contracts.sequences import csr_take_rows
+from contracts import metrics
 from trainer.models import RetrievalModel
 
 
 def target_ranks(scores: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
   """0-based rank of each row's target (ties by lower index); removed targets rank V.
 
-  The TF twin of retrieval.metrics.target_ranks (tests check they agree).
+  The TF twin of contracts.metrics.target_ranks (tests check they agree).
   """
   num_items = tf.shape(scores)[1]
   target_scores = tf.gather(scores, targets, batch_dims=1)[:, None]

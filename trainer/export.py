@@ -43,10 +43,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from preprocess import manifest as mf
-from preprocess.fileio import atomic_directory, write_json_atomic
-from preprocess.vocab import Vocabulary
-from trainer.export_info import (EXPORT_DIR, EXPORT_MANIFEST, ITEM_EMBEDDINGS, RANKER,
+from contracts import manifest as mf
+from contracts.fileio import atomic_directory, write_json_atomic
+from contracts.vocab import Vocabulary
+from contracts.export_manifest import (EXPORT_DIR, EXPORT_MANIFEST, ITEM_EMBEDDINGS, RANKER,
                                  USER_TOWER, ExportInfo, RankerExportInfo, data_fingerprint,
                                  load_info, vocab_fingerprints)
 from trainer.models import RetrievalModel
@@ -172,8 +172,9 @@ class Ranker(tf.Module):
     return {"score": tf.sigmoid(logit), "logit": logit}
 
 
-def export_ranker(model, manifest: mf.RankingManifest, model_dir: Path, global_step: int) -> Path:
-  info = RankerExportInfo(model="dien", max_hist_len=manifest.max_hist_len,
+def export_ranker(model, model_name: str, manifest: mf.RankingManifest, model_dir: Path,
+                  global_step: int) -> Path:
+  info = RankerExportInfo(model=model_name, max_hist_len=manifest.max_hist_len,
                           dense_features=tuple(manifest.dense_features),
                           num_items=manifest.vocab_sizes["items"],
                           num_users=manifest.vocab_sizes["users"], data_dir=str(manifest.data_dir),

@@ -21,8 +21,8 @@ import dataclasses
 
 import tensorflow as tf
 
-from preprocess import manifest as mf
-from preprocess.errors import DataError
+from contracts import manifest as mf
+from contracts.errors import DataError
 
 
 def parse_batch(serialized: tf.Tensor, feature_specs: dict[str, mf.FeatureSpec]) -> dict:

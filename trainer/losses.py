@@ -155,7 +155,7 @@ def _weighted_catalogue_cross_entropy(query, item_vectors, targets, weights, inv
 
   XLA fuses the logsumexp and its gradient with the matmuls' neighbours; the
   ML-1M recipe's step is 7-10% shorter than with matmul +
-  sparse_softmax_cross_entropy (tools/bench_trainer.py; BUILD_NOTES.md,
+  sparse_softmax_cross_entropy (tools/bench_trainer.py; docs/design.md,
   trainer decisions, "XLA").
   Item 0 (padding) is left out of the logsumexp rather than masked, and 1/T
   scales the query, not the logits: two passes fewer over the logits.

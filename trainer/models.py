@@ -1,4 +1,4 @@
-"""Retrieval models and their registry.
+"""Retrieval models (trainer/registry.py names them).
 
 Every model maps a left-padded history [B, L] of item indices (0 = padding)
 and the user index [B] to a query vector at *every* position, [B, L, D],
@@ -51,6 +51,7 @@ class SeededDropout(keras.layers.Layer):
   def __init__(self, rate: float, salt: int, **kwargs):
     super().__init__(**kwargs)
     self.rate, self.salt = rate, salt
+    self.supports_masking = True  # elementwise: a Keras mask passes through unchanged
 
   def call(self, x, seed=None, training=False):
     if not training or not self.rate or seed is None:
@@ -107,7 +108,7 @@ def checkpoint_list(owner: keras.layers.Layer, name: str, layers: list) -> list:
   return layers
 
 
-def _l2(x: tf.Tensor) -> tf.Tensor:
+def l2_normalize(x: tf.Tensor) -> tf.Tensor:
   return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
 
 
@@ -207,11 +208,11 @@ class SASRec(RetrievalModel):
       else:
         x = block(x, attention_mask=mask, seed=seed, training=training)
     x = self.final_norm(x)
-    return _l2(x if self.shared_embeddings else self.query_head(x))
+    return l2_normalize(x if self.shared_embeddings else self.query_head(x))
 
   def item_vectors(self, items, training=False, seed=None):
     e = self.item_dropout(self.item_embedding(items), seed=seed, training=training)
-    return _l2(e if self.shared_embeddings else self.item_head(e))
+    return l2_normalize(e if self.shared_embeddings else self.item_head(e))
 
 
 class TwoTower(RetrievalModel):
@@ -254,7 +255,7 @@ class TwoTower(RetrievalModel):
     user_emb = tf.cast(self.user_embedding(user), tf.float32)[:, None, :]
     user_emb = tf.broadcast_to(user_emb, tf.shape(running_mean))
     x = tf.concat([user_emb, running_mean], axis=-1)
-    return _l2(self._apply(self.user_tower, x, seed, training))
+    return l2_normalize(self._apply(self.user_tower, x, seed, training))
 
   def query_last(self, history, user, training=False, seed=None):
     # The mean of the whole history through the MLP once, not at every position.
@@ -262,20 +263,17 @@ class TwoTower(RetrievalModel):
     emb = tf.cast(self.item_embedding(history), tf.float32) * real
     mean = tf.reduce_sum(emb, axis=1) / tf.maximum(tf.reduce_sum(real, axis=1), 1.0)
     x = tf.concat([tf.cast(self.user_embedding(user), tf.float32), mean], axis=-1)
-    return _l2(self._apply(self.user_tower, x, seed, training))
+    return l2_normalize(self._apply(self.user_tower, x, seed, training))
 
   def item_vectors(self, items, training=False, seed=None):
     x = tf.concat([self.item_embedding(items),
                    self.category_embedding(tf.gather(self.item_category, items))], axis=-1)
-    return _l2(self._apply(self.item_tower, x, seed, training))
+    return l2_normalize(self._apply(self.item_tower, x, seed, training))
 
 
-MODEL_CLASSES = {"sasrec": SASRec, "two_tower": TwoTower}
-
-
-def build(config: TrainerConfig, data: DataSpec) -> RetrievalModel:
-  """Builds the model named by --model and creates its variables."""
-  model = MODEL_CLASSES[config.model](config, data, name=config.model)
+def build(model_class: type, config: TrainerConfig, data: DataSpec) -> RetrievalModel:
+  """Builds a model of `model_class` (the registry's, for --model) and creates its variables."""
+  model = model_class(config, data, name=config.model)
   history = tf.zeros([1, data.max_seq_len], tf.int32)
   model.query_sequence(history, tf.zeros([1], tf.int32))
   model.item_vectors(tf.zeros([1], tf.int32))

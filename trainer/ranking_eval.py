@@ -1,7 +1,7 @@
 """Evaluation of the ranker on the eval split of ranking data.
 
 Every eval example (all retrieval candidates of each evaluation user) is
-scored; trainer/ranking_metrics.py computes AUC, GAUC, logloss and
+scored; contracts/metrics.py computes AUC, GAUC, logloss and
 HitRate/NDCG@K of the lists re-ordered by the ranker's score, next to the
 same list metrics of the retrieval order (`recall_rank`) on the same users.
 The final evaluation also writes the reranked lists:
@@ -20,10 +20,11 @@ import pyarrow as pa
 import tensorflow as tf
 from absl import logging
 
-from preprocess import manifest as mf
-from preprocess.fileio import write_parquet_atomic
-from preprocess.vocab import Vocabulary
-from trainer import input_pipeline, ranking_metrics
+from contracts import manifest as mf
+from contracts import metrics
+from contracts.fileio import write_parquet_atomic
+from contracts.vocab import Vocabulary
+from trainer import input_pipeline
 
 RERANKED_FILE = "reranked_candidates.parquet"
 _RANK_COLUMN = mf.DENSE_FEATURES.index("recall_rank")
@@ -84,8 +85,9 @@ class RankingEvaluator:
     started = time.perf_counter()
     p = self.predict(model)
     probability = 1.0 / (1.0 + np.exp(-p["logit"].astype(np.float64)))
-    result = ranking_metrics.summarize(p["user"], p["label"], p["logit"], probability,
-                                       p["recall_rank"], self.ks)
+    # recall_rank is the candidate file's 1-based position; the metrics rank from 0.
+    result = metrics.summarize_reranking(p["user"], p["label"], p["logit"], probability,
+                                         p["recall_rank"] - 1, self.ks)
     result.update(split=mf.RANK_EVAL, labels_from=self.manifest.eval_split,
                   eval_seconds=time.perf_counter() - started)
     if reranked_dir is not None:
@@ -98,13 +100,13 @@ class RankingEvaluator:
     return (f"eval AUC {result['auc']:.4f} GAUC {result['gauc']:.4f} logloss "
             f"{result['logloss']:.4f}, NDCG@{k} {result[f'ndcg@{k}']:.4f} (retrieval order "
             f"{result[f'retrieval_ndcg@{k}']:.4f}), HR@{k} {result[f'hit_rate@{k}']:.4f} "
-            f"(retrieval {result[f'retrieval_hit_rate@{k}']:.4f}), {result['users']} users")
+            f"(retrieval {result[f'retrieval_hit_rate@{k}']:.4f}), {result['num_users']} users")
 
 
 def write_reranked(manifest: mf.RankingManifest, p: dict[str, np.ndarray],
                    probability: np.ndarray, directory: Path) -> Path:
   """The eval users' candidates in reranked order, as one Parquet file (atomic)."""
-  position = ranking_metrics.rank_within_groups(p["user"], p["logit"], p["recall_rank"])
+  position = metrics.rank_within_groups(p["user"], p["logit"], p["recall_rank"]) + 1
   order = np.lexsort((position, p["user"]))
   items = Vocabulary.from_parquet(manifest.path(mf.ITEMS_FILE), "item_id")
   users = Vocabulary.from_parquet(manifest.path(mf.USERS_FILE), "user_id")

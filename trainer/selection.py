@@ -22,12 +22,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from preprocess.errors import ConfigError, DataError
-from preprocess.fileio import write_json_atomic
+from contracts.errors import ConfigError, DataError
+from contracts.fileio import write_json_atomic
+from contracts.model_layout import BEST_DIR, BEST_FILE, CURVE_FILE
 
-BEST_DIR = "best"
-BEST_FILE = "best.json"
-CURVE_FILE = "validation_curve.json"
 
 
 @dataclasses.dataclass

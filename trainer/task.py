@@ -1,6 +1,11 @@
-"""Tasks: a parsed batch -> this replica's share of the global mean loss.
+"""Tasks: what the generic train loop asks of a kind of model.
 
-Each task has two halves: `forward` (the model: dense, static shapes, what
+A Task class builds its model (`build_model`), makes its evaluators
+(`make_evaluator`, `evaluate_every_split`), exports it (`export`) and, as an
+instance, turns a parsed batch into this replica's share of the global mean
+loss. trainer/registry.py maps each model name to its Task class.
+
+The loss has two halves: `forward` (the model: dense, static shapes, what
 the trainer XLA-compiles) and `loss` (outside XLA: it may gather rows of a
 data-dependent count and run collectives across replicas, neither of which
 an XLA cluster nested in a replica step can do; the catalogue softmax
@@ -24,12 +29,15 @@ RankingTask (dien): binary cross-entropy of the click label of each (user,
 candidate) example, plus --aux_loss_weight times DIEN's auxiliary loss.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from preprocess import manifest as mf
+from contracts import manifest as mf
 from trainer import config as config_lib
+from trainer import evaluation, export, models, ranking_eval
 from trainer.config import TrainerConfig
 from trainer.losses import (CatalogueSampler, CatalogueSoftmaxLoss, InBatchSoftmaxLoss,
                             SampledSoftmaxLoss)
@@ -65,8 +73,99 @@ def item_log_q(manifest: mf.Manifest) -> np.ndarray:
   return np.log(np.maximum(counts, 1.0) / max(counts.sum(), 1.0)).astype(np.float32)
 
 
-class RetrievalTask:
-  """Next-item retrieval loss of sasrec and two_tower (see the module docstring)."""
+class Task:
+  """What the train loop calls (docs/extending.md has the table).
+
+  Class methods work before the task exists: `build_model` inside the
+  strategy scope, the evaluators, the export. An instance holds the loss:
+  `forward(batch, training, step)` (XLA-compiled when the registry entry
+  allows) and `loss(outputs, step)` (outside XLA).
+  """
+
+  @classmethod
+  def build_model(cls, config: TrainerConfig, manifest, model_class: type):
+    raise NotImplementedError
+
+  @classmethod
+  def make_evaluator(cls, config: TrainerConfig, manifest, max_users: int = 0,
+                     split: str | None = None):
+    raise NotImplementedError
+
+  @classmethod
+  def evaluate_every_split(cls, config: TrainerConfig, manifest, model,
+                           reranked_dir: Path | None = None) -> tuple[dict, str]:
+    """The final evaluation, (metrics, headline): the evaluator's split only."""
+    evaluator = cls.make_evaluator(config, manifest)
+    result = evaluator.evaluate(model, reranked_dir=reranked_dir)
+    return result, evaluator.headline(result)
+
+  @classmethod
+  def export(cls, model, config: TrainerConfig, manifest, model_dir: Path, step: int) -> Path:
+    raise NotImplementedError
+
+  @classmethod
+  def describe(cls, config: TrainerConfig, manifest) -> str:
+    """What the start-of-training log line adds after the batch size."""
+    del config, manifest
+    return ""
+
+
+def data_spec(manifest: mf.Manifest) -> models.DataSpec:
+  category = pq.read_table(manifest.path(mf.ITEMS_FILE), columns=["category"])
+  return models.DataSpec(
+      num_items=manifest.vocab_sizes["items"], num_users=manifest.vocab_sizes["users"],
+      num_categories=manifest.vocab_sizes["categories"], max_seq_len=manifest.max_seq_len,
+      item_category=category.column(0).to_numpy().astype(np.int32))
+
+
+class RetrievalTask(Task):
+  """Next-item retrieval of sasrec and two_tower (see the module docstring).
+
+  The model is a models.RetrievalModel: query vectors at every position and
+  item vectors. Evaluation is leave-one-out full ranking (or sampled
+  negatives) on the held-out splits; the export is a user tower and the item
+  vectors for the retrieval job.
+  """
+
+  @classmethod
+  def build_model(cls, config: TrainerConfig, manifest: mf.Manifest,
+                  model_class: type) -> RetrievalModel:
+    """The model with its variables created (call inside the strategy scope)."""
+    return models.build(model_class, config, data_spec(manifest))
+
+  @classmethod
+  def make_evaluator(cls, config: TrainerConfig, manifest: mf.Manifest, max_users: int = 0,
+                     split: str | None = None) -> evaluation.Evaluator:
+    """The evaluator of --eval_split, or of `split`."""
+    c = config
+    return evaluation.Evaluator(manifest, split or c.eval_split, c.eval_topk, c.eval_negatives,
+                                c.eval_batch_size, max_users, c.seed)
+
+  @classmethod
+  def evaluate_every_split(cls, config: TrainerConfig, manifest: mf.Manifest, model,
+                           reranked_dir: Path | None = None) -> tuple[dict, str]:
+    """--eval_split's metrics, and every held-out split's under "by_split"
+    (valid to choose on, test to report), so one run gives both."""
+    del reranked_dir
+    evaluator = cls.make_evaluator(config, manifest)
+    result = evaluator.evaluate(model)
+    headline = evaluator.headline(result)
+    by_split = {config.eval_split: result}
+    for split in manifest.eval_splits:
+      if split not in by_split:
+        other = cls.make_evaluator(config, manifest, split=split)
+        by_split[split] = other.evaluate(model)
+        headline += "; " + other.headline(by_split[split])
+    return {**result, "by_split": by_split}, headline
+
+  @classmethod
+  def export(cls, model, config: TrainerConfig, manifest: mf.Manifest, model_dir: Path,
+             step: int) -> Path:
+    return export.export(model, config.model, manifest, model_dir, step)
+
+  @classmethod
+  def describe(cls, config: TrainerConfig, manifest: mf.Manifest) -> str:
+    return f", loss {config_lib.resolved_loss(config, manifest)}"
 
   def __init__(self, config: TrainerConfig, manifest: mf.Manifest, model: RetrievalModel):
     self.model = model
@@ -139,8 +238,45 @@ class RetrievalTask:
                               seed=step_seed(self.seed, step))  # keys the negative pool
 
 
-class RankingTask:
-  """Pointwise click-through loss of the ranker over (user, candidate) examples."""
+class RankingTask(Task):
+  """Pointwise click-through ranking of retrieval candidates (dien).
+
+  Trained on ranking data (preprocess --mode=ranking), evaluated on its
+  held-out lists (AUC, GAUC, reranked HitRate/NDCG), exported as a serving
+  module that scores (user, history, candidate, dense features).
+  """
+
+  @classmethod
+  def build_model(cls, config: TrainerConfig, manifest: mf.RankingManifest, model_class: type):
+    """The model with its variables created (call inside the strategy scope)."""
+    category = pq.read_table(manifest.path(mf.ITEMS_FILE), columns=["category"])
+    model = model_class(
+        num_items=manifest.vocab_sizes["items"], num_users=manifest.vocab_sizes["users"],
+        num_categories=manifest.vocab_sizes["categories"],
+        item_category=category.column(0).to_numpy().astype(np.int32),
+        max_hist_len=manifest.max_hist_len,
+        dense_mean=np.asarray(manifest.dense_mean, np.float32),
+        dense_var=np.asarray(manifest.dense_var, np.float32),
+        dense_log1p=np.asarray(manifest.dense_log1p, bool), emb_dim=config.emb_dim,
+        gru_units=config.gru_units, evolution=config.evolution, mlp_units=config.mlp_units,
+        dropout=config.dropout, aux_loss=config.aux_loss_weight > 0,
+        wide_dense=config.wide_dense,
+        item_vectors=np.load(manifest.path(mf.RANKING_ITEM_VECTORS_FILE))
+        if config.retrieval_item_vectors else None, name=config.model)
+    model.build_variables()
+    return model
+
+  @classmethod
+  def make_evaluator(cls, config: TrainerConfig, manifest: mf.RankingManifest,
+                     max_users: int = 0, split: str | None = None):
+    del split  # one held-out split
+    return ranking_eval.RankingEvaluator(manifest, config.rank_eval_topk, max_users=max_users,
+                                         seed=config.seed)
+
+  @classmethod
+  def export(cls, model, config: TrainerConfig, manifest: mf.RankingManifest, model_dir: Path,
+             step: int) -> Path:
+    return export.export_ranker(model, config.model, manifest, model_dir, step)
 
   def __init__(self, config: TrainerConfig, manifest: mf.RankingManifest, model):
     del manifest
@@ -164,9 +300,3 @@ class RankingTask:
     # Replica batches are equal, so the shares sum to the global mean.
     share = tf.reduce_mean(bce) + self.aux_loss_weight * outputs["aux_loss"]
     return share / tf.cast(replicas, tf.float32)
-
-
-def create(config: TrainerConfig, manifest, model):
-  if config.model == "dien":
-    return RankingTask(config, manifest, model)
-  return RetrievalTask(config, manifest, model)

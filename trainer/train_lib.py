@@ -38,22 +38,18 @@ import time
 from pathlib import Path
 
 import keras
-import numpy as np
-import pyarrow.parquet as pq
 import tensorflow as tf
 from absl import logging
 
-from preprocess import manifest as mf
-from preprocess.fileio import os_error_reason, remove_path, write_json_atomic
+from contracts import manifest as mf
+from contracts.fileio import os_error_reason, remove_path, write_json_atomic
+from contracts.model_layout import CHECKPOINT_DIR, METRICS_FILE
 from trainer import cluster
 from trainer import config as config_lib
-from trainer import evaluation, export, input_pipeline, models, ranking_eval, selection, strategies
-from trainer import task as task_lib
+from trainer import input_pipeline, registry, selection, strategies
 from trainer.config import TrainerConfig
 
-CHECKPOINT_DIR = config_lib.CHECKPOINT_DIR
 WORKER_TMP_DIR = "worker_tmp"  # non-chief workers' checkpoints, removed at the end
-METRICS_FILE = "metrics.json"
 TRAIN_SUMMARIES = Path("summaries") / "train"  # under model_dir: loss, learning_rate, examples/s
 EVAL_SUMMARIES = Path("summaries") / "eval"  # every evaluation's metrics
 NO_WEIGHT_DECAY = ("bias", "gamma", "beta")  # variable names --weight_decay leaves alone
@@ -117,34 +113,28 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
             "total_steps": self.total_steps, "kind": self.kind}
 
 
-def data_spec(manifest: mf.Manifest) -> models.DataSpec:
-  category = pq.read_table(manifest.path(mf.ITEMS_FILE), columns=["category"])
-  return models.DataSpec(
-      num_items=manifest.vocab_sizes["items"], num_users=manifest.vocab_sizes["users"],
-      num_categories=manifest.vocab_sizes["categories"], max_seq_len=manifest.max_seq_len,
-      item_category=category.column(0).to_numpy().astype(np.int32))
+def set_random_seeds(seed: int) -> None:
+  """Python's, numpy's and TensorFlow's global seeds from --seed.
+
+  tf.data looks a tensor op seed up by comparing (global, op) with (0, 0) in
+  Python, which fails while tracing when the global seed is 0 (mod 2**31 - 1),
+  so the per-epoch shuffles of TrainReader could not be built for those
+  seeds; TensorFlow gets the next seed instead.
+  """
+  keras.utils.set_random_seed(seed)
+  if seed % (2**31 - 1) == 0:
+    tf.random.set_seed(seed + 1)
+
+
+def task_class(config: TrainerConfig) -> type:
+  """The Task class of --model (trainer/registry.py)."""
+  return registry.get(config.model).load_task_class()
 
 
 def build_model(config: TrainerConfig, manifest):
   """The model of --model with its variables created (call inside the strategy scope)."""
-  if config.model not in config_lib.RANKING_MODELS:
-    return models.build(config, data_spec(manifest))
-  from trainer.dien import DIEN
-  category = pq.read_table(manifest.path(mf.ITEMS_FILE), columns=["category"])
-  model = DIEN(num_items=manifest.vocab_sizes["items"], num_users=manifest.vocab_sizes["users"],
-               num_categories=manifest.vocab_sizes["categories"],
-               item_category=category.column(0).to_numpy().astype(np.int32),
-               max_hist_len=manifest.max_hist_len,
-               dense_mean=np.asarray(manifest.dense_mean, np.float32),
-               dense_var=np.asarray(manifest.dense_var, np.float32),
-               dense_log1p=np.asarray(manifest.dense_log1p, bool), emb_dim=config.emb_dim,
-               gru_units=config.gru_units, evolution=config.evolution,
-               mlp_units=config.tower_units, dropout=config.dropout,
-               aux_loss=config.aux_loss_weight > 0, wide_dense=config.wide_dense,
-               item_vectors=np.load(manifest.path(mf.RANKING_ITEM_VECTORS_FILE))
-               if config.retrieval_item_vectors else None, name=config.model)
-  model.build_variables()
-  return model
+  entry = registry.get(config.model)
+  return entry.load_task_class().build_model(config, manifest, entry.load_model_class())
 
 
 class _StopFlag:
@@ -175,7 +165,7 @@ class Trainer:
   def __init__(self, config: TrainerConfig, manifest: mf.Manifest):
     self.config, self.manifest = config, manifest
     self.model_dir = Path(config.model_dir)
-    keras.utils.set_random_seed(config.seed)
+    set_random_seeds(config.seed)
     if config.mixed_precision:
       has_gpu = bool(tf.config.list_physical_devices("GPU"))
       keras.mixed_precision.set_global_policy("mixed_float16" if has_gpu else "mixed_bfloat16")
@@ -204,7 +194,7 @@ class Trainer:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
       self.optimizer = optimizer
       self.optimizer.build(self.model.trainable_variables)
-    self.task = task_lib.create(config, manifest, self.model)
+    self.task = task_class(config)(config, manifest, self.model)
     # No RNG state to save: dropout masks and negative pools are functions of
     # (seed, step, replica) (models.SeededDropout).
     self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
@@ -394,8 +384,7 @@ class Trainer:
     logging.info("training %s: %d steps (%d per epoch), global batch %d on %d replicas%s",
                  c.model, self.total_steps, self.steps_per_epoch, c.batch_size,
                  self.strategy.num_replicas_in_sync,
-                 "" if c.model in config_lib.RANKING_MODELS else
-                 f", loss {config_lib.resolved_loss(c, self.manifest)}")
+                 self.task.describe(c, self.manifest))
     interrupted = False
     train_started = time.perf_counter()
     window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
@@ -475,11 +464,8 @@ class Trainer:
                         "train_seconds": round(train_seconds, 1), **evaluated,
                         **({"selection": chosen.summary()} if chosen is not None else {})}
       write_json_atomic(self.model_dir / METRICS_FILE, result_metrics)
-      if c.export and c.model in config_lib.RANKING_MODELS:
-        path = export.export_ranker(self.model, self.manifest, self.model_dir, chosen_step)
-        logging.info("exported %s", path)
-      elif c.export:
-        path = export.export(self.model, c.model, self.manifest, self.model_dir, chosen_step)
+      if c.export:
+        path = self.task.export(self.model, c, self.manifest, self.model_dir, chosen_step)
         logging.info("exported %s (step %d)", path, chosen_step)
     return RunResult(step, interrupted, result_metrics, headline)
 
@@ -514,40 +500,21 @@ class Trainer:
 
 def make_evaluator(config: TrainerConfig, manifest, max_users: int = 0,
                    split: str | None = None):
-  """The evaluator of --eval_split (or `split`, retrieval models only)."""
-  c = config
-  if c.model in config_lib.RANKING_MODELS:
-    # Rows per batch do not change results; large batches amortise the GRU's small ops.
-    return ranking_eval.RankingEvaluator(manifest, c.rank_eval_topk, max_users=max_users,
-                                         seed=c.seed)
-  return evaluation.Evaluator(manifest, split or c.eval_split, c.eval_topk,
-                              c.eval_negatives, c.eval_batch_size, max_users, c.seed)
+  """The evaluator of --eval_split (or `split`) for --model's task."""
+  return task_class(config).make_evaluator(config, manifest, max_users, split)
 
 
 def evaluate_every_split(config: TrainerConfig, manifest, model,
                          reranked_dir: Path | None = None) -> tuple[dict, str]:
-  """The final evaluation: --eval_split's metrics, and for the retrieval models
-  every held-out split under "by_split" (valid to choose on, test to report),
-  so one run gives both without retraining. Returns (metrics, headline)."""
-  evaluator = make_evaluator(config, manifest)
-  result = evaluator.evaluate(model, reranked_dir=reranked_dir)
-  headline = evaluator.headline(result)
-  if config.model in config_lib.RANKING_MODELS:
-    return result, headline
-  by_split = {config.eval_split: result}
-  for split in manifest.eval_splits:
-    if split not in by_split:
-      other = make_evaluator(config, manifest, split=split)
-      by_split[split] = other.evaluate(model)
-      headline += "; " + other.headline(by_split[split])
-  return {**result, "by_split": by_split}, headline
+  """The final evaluation (see the task's evaluate_every_split). Returns (metrics, headline)."""
+  return task_class(config).evaluate_every_split(config, manifest, model, reranked_dir)
 
 
 def evaluate_checkpoint(config: TrainerConfig, manifest) -> dict:
   """--mode=eval: the metrics of one checkpoint, computed as at the end of
   training (so the best checkpoint reproduces metrics.json), without training
   and without writing anything."""
-  keras.utils.set_random_seed(config.seed)
+  set_random_seeds(config.seed)
   if config.mixed_precision:
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
     keras.mixed_precision.set_global_policy("mixed_float16" if has_gpu else "mixed_bfloat16")

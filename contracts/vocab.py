@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocess.errors import DataError
+from contracts.errors import DataError
 
 
 class Vocabulary:

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from preprocess import manifest as mf
+from contracts import manifest as mf
 
 
 @dataclasses.dataclass

@@ -8,9 +8,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from preprocess import manifest as mf
-from preprocess.errors import DataError
-from preprocess.fileio import sha256_file
+from contracts import manifest as mf
+from contracts.errors import DataError
+from contracts.fileio import sha256_file
 
 EXPORT_DIR = "export"
 EXPORT_MANIFEST = "export_manifest.json"

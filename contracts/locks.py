@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from preprocess.errors import DataError
+from contracts.errors import DataError
 
 LOCK_FILE = ".lock"
 

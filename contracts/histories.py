@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocess import manifest as mf
-from preprocess import sequences as sq
+from contracts import manifest as mf
+from contracts import sequences as sq
 
 ALL = "all"
 

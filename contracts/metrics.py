@@ -1,24 +1,31 @@
-"""Offline metrics of a ranker that re-orders each user's retrieval candidates.
+"""Evaluation metrics shared by every job: one rank convention, one set of key names.
 
-Numpy only (no TensorFlow), so an evaluation job or a notebook can score a
-predictions file without starting TF. Every function is vectorised over
-rows (sorts and segment reductions), because a split can hold ~20M rows.
+Ranks are 0-based everywhere in this module: rank 0 is the top of a list.
+HitRate@K = mean(rank < K); NDCG@K = mean(1 / log2(rank + 2) if rank < K),
+the ideal DCG being 1 with one target per user; with one target Recall@K
+equals HitRate@K. `num_users` is always the denominator. Files keep their
+own 1-based positions (a candidate part's `recall_rank`, a reranked list's
+`rank`); callers convert at the boundary.
 
-Inputs are 1-D arrays of equal length, one entry per (user, candidate) row:
-`groups` (user index; a user's rows need not be contiguous), `labels` (0/1)
-and `scores` (any float, higher = better; NaN is rejected, not ranked).
+Leave-one-out retrieval (the notebooks' and the published full-ranking
+protocol, ../shared/data/README.md):
 
-Evaluation assumptions:
+* One held-out target per user; ranking is over every item of the
+  vocabulary except padding (index 0).
+* Items the query history contains (for the test split: the training clicks
+  plus the validation click) are removed before ranking. A target the user
+  had already clicked can then not be hit; that is counted, not hidden.
+* Ties are broken by item index, lower first (= more popular, because
+  preprocess orders items by training clicks), so results are deterministic.
 
-* One held-out click per user, so each user has at most one relevant item
-  among its candidates. List metrics use the best-positioned positive of a
-  user (the same thing when there is exactly one).
+Reranking a user's retrieval candidates (one row per (user, candidate);
+`groups` is the user, `labels` 0/1, `scores` any float, NaN rejected):
+
+* Each user has at most one relevant candidate; list metrics use the
+  best-ranked positive of a user.
 * Users whose candidates contain no positive (retrieval missed the click)
-  stay in the denominators of HitRate@K and NDCG@K and count as misses, so
-  the numbers are comparable with the full-ranking ones of
-  retrieval/metrics.py and a reranker cannot look better by dropping them.
-* Positions are 1-based. NDCG@K = mean over users of 1 / log2(1 + p) if the
-  positive's position p <= K, else 0 (the ideal DCG is 1 with one target).
+  stay in `num_users` and count as misses, so the numbers compare with the
+  full-ranking ones and a reranker cannot look better by dropping them.
 * AUC uses the rank-sum (Mann-Whitney) formula; tied scores share their
   average rank, i.e. a tied positive/negative pair counts 1/2.
 * GAUC (DIN paper): per-user AUC weighted by the user's number of rows, over
@@ -27,9 +34,86 @@ Evaluation assumptions:
 * Reranked lists order a user's rows by score descending, ties by the
   retrieval rank, then by row index, so results are deterministic and a
   constant scorer reproduces the retrieval order.
+
+Numpy only, vectorised over rows (a ranking split can hold ~20M rows).
 """
 
 import numpy as np
+
+def remove_seen(scores: np.ndarray, seen_values: np.ndarray, seen_offsets: np.ndarray) -> None:
+  """Sets scores[i, item] = -inf for every item in row i's seen list (CSR), in place.
+
+  Padding (index 0) is always removed.
+  """
+  rows = np.repeat(np.arange(len(scores)), np.diff(seen_offsets))
+  scores[rows, seen_values] = -np.inf
+  scores[:, 0] = -np.inf
+
+
+def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """0-based rank of each row's target among all items, ties by lower index.
+
+  scores: (n, num_items) with removed items at -inf. A removed target gets
+  rank num_items (never a hit).
+  """
+  n, num_items = scores.shape
+  target_scores = scores[np.arange(n), targets][:, None]
+  ahead = (scores > target_scores).sum(axis=1)
+  tied_lower = ((scores == target_scores) & (np.arange(num_items)[None, :] < targets[:, None]))
+  ranks = ahead + tied_lower.sum(axis=1)
+  return np.where(np.isneginf(target_scores[:, 0]), num_items, ranks)
+
+
+def ranks_in_lists(ranked: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """0-based position of each target in its ranked candidate list (n, K); K if absent."""
+  hits = ranked == targets[:, None]
+  return np.where(hits.any(axis=1), hits.argmax(axis=1), ranked.shape[1])
+
+
+RANK_METRICS = ("hit_rate", "ndcg", "recall")  # each written as NAME@K by summarize
+
+
+def metric_names(ks) -> list[str]:
+  """The metric keys `summarize` writes for cut-offs `ks` (all: higher is better)."""
+  return [f"{name}@{k}" for k in ks for name in RANK_METRICS]
+
+
+def summarize(ranks: np.ndarray, ks=(10, 20, 50)) -> dict[str, float]:
+  """HitRate@K, NDCG@K and Recall@K from 0-based target ranks."""
+  return summarize_sums(rank_sums(ranks, ks), ks)
+
+
+def rank_sums(ranks: np.ndarray, ks) -> dict[str, float]:
+  """Additive form of `summarize` (counts and sums), to merge parts and workers."""
+  ranks = np.asarray(ranks)
+  out = {"num_users": int(len(ranks))}
+  for k in ks:
+    hit = ranks < k
+    out[f"hits@{k}"] = int(hit.sum())
+    out[f"ndcg_sum@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).sum())
+  return out
+
+
+def merge_sums(parts) -> dict[str, float]:
+  total: dict[str, float] = {}
+  for part in parts:
+    for key, value in part.items():
+      total[key] = total.get(key, 0) + value
+  return total
+
+
+def summarize_sums(sums: dict, ks) -> dict[str, float]:
+  """`summarize` from merged `rank_sums`."""
+  n = sums.get("num_users", 0)
+  out = {"num_users": int(n)}
+  for k in ks:
+    out[f"hit_rate@{k}"] = sums.get(f"hits@{k}", 0) / n if n else 0.0
+    out[f"ndcg@{k}"] = sums.get(f"ndcg_sum@{k}", 0.0) / n if n else 0.0
+    out[f"recall@{k}"] = out[f"hit_rate@{k}"]
+  return out
+
+
+# Reranking: rows of (user, candidate).
 
 
 def _check(*arrays) -> list[np.ndarray]:
@@ -105,13 +189,13 @@ def _rerank_order(groups: np.ndarray, scores: np.ndarray, tie_break: np.ndarray)
   return np.lexsort((tie_break, -scores, groups))
 
 
-def _positions(sorted_groups: np.ndarray, order: np.ndarray) -> np.ndarray:
-  """1-based position within its group of each row (original order), given the sort order."""
+def _ranks(sorted_groups: np.ndarray, order: np.ndarray) -> np.ndarray:
+  """0-based rank within its group of each row (original order), given the sort order."""
   n = len(order)
   starts = _starts(sorted_groups)
-  positions = np.empty(n, np.int64)
-  positions[order] = np.arange(1, n + 1) - np.repeat(starts, _lengths(starts, n))
-  return positions
+  ranks = np.empty(n, np.int64)
+  ranks[order] = np.arange(n) - np.repeat(starts, _lengths(starts, n))
+  return ranks
 
 
 def auc(labels, scores) -> float:
@@ -155,71 +239,68 @@ def logloss(labels, probabilities, eps: float = 1e-7) -> float:
 
 
 def rank_within_groups(groups, scores, tie_break) -> np.ndarray:
-  """1-based position of each row in its group's list by score desc, tie_break asc, row index.
+  """0-based rank of each row in its group's list by score desc, tie_break asc, row index.
 
   With tie_break = the retrieval rank, equal scores keep the retrieval order.
   """
   groups, scores, tie_break = _check(groups, scores, tie_break)
   order = _rerank_order(groups, _scores(scores), tie_break)
-  return _positions(groups[order], order)
+  return _ranks(groups[order], order)
 
 
-def list_metrics(groups, labels, positions, ks) -> dict:
-  """HitRate@K and NDCG@K of each group's best-positioned positive, over ALL groups.
+def list_metrics(groups, labels, ranks, ks) -> dict:
+  """HitRate@K and NDCG@K of each group's best-ranked positive, over ALL groups.
 
-  positions are 1-based (rank_within_groups, or retrieval's recall_rank).
+  ranks are 0-based (rank_within_groups, or a candidate part's recall_rank - 1).
   Groups without a positive count as misses.
   """
-  groups, labels, positions = _check(groups, labels, positions)
+  groups, labels, ranks = _check(groups, labels, ranks)
   y = _binary(labels).astype(bool)
-  positions = positions.astype(np.float64)
-  if not (positions >= 1).all():  # also catches NaN and 0-based ranks (log2(1) = 0)
-    raise ValueError("positions must be 1-based")
+  ranks = ranks.astype(np.float64)
+  if not (ranks >= 0).all():  # also catches NaN
+    raise ValueError("ranks must be 0-based (>= 0)")
   num_users = len(_starts(np.sort(groups)))  # np.sort is ~10x faster than np.unique here
   # Only positive rows matter (about one per user), so the per-user minimum is
-  # taken over those: sorted by (group, position), each group's first row.
-  pos_groups, pos_positions = groups[y], positions[y]
-  order = np.lexsort((pos_positions, pos_groups))
-  best = pos_positions[order][_starts(pos_groups[order])]
-  out = {"users": num_users, "users_with_positive": len(best)}
-  for k in ks:
-    hit = best <= k
-    # Users without a positive add 0 to the sums but count in the denominator.
-    out[f"hit_rate@{k}"] = float(hit.sum() / num_users) if num_users else 0.0
-    out[f"ndcg@{k}"] = float((1.0 / np.log2(1.0 + best[hit])).sum() / num_users) \
-        if num_users else 0.0
+  # taken over those: sorted by (group, rank), each group's first row.
+  pos_groups, pos_ranks = groups[y], ranks[y]
+  order = np.lexsort((pos_ranks, pos_groups))
+  best = pos_ranks[order][_starts(pos_groups[order])]
+  sums = rank_sums(best, ks)
+  sums["num_users"] = num_users  # users without a positive: in the denominator only
+  out = summarize_sums(sums, ks)
+  out["num_users_with_positive"] = len(best)
   return out
 
 
-def summarize(groups, labels, scores, probabilities, retrieval_rank, ks) -> dict:
+def summarize_reranking(groups, labels, scores, probabilities, retrieval_ranks, ks) -> dict:
   """All ranker metrics, next to the same metrics of the retrieval order, as plain numbers.
 
-  retrieval_rank is the 1-based candidate position from retrieval; it breaks
-  score ties in the reranked lists and is scored as -retrieval_rank for the
+  retrieval_ranks are the 0-based candidate ranks from retrieval; they break
+  score ties in the reranked lists and are scored as -retrieval_ranks for the
   retrieval AUC/GAUC. AUC/GAUC may be NaN (json writes it as NaN).
   """
-  groups, labels, scores, probabilities, retrieval_rank = _check(
-      groups, labels, scores, probabilities, retrieval_rank)
+  groups, labels, scores, probabilities, retrieval_ranks = _check(
+      groups, labels, scores, probabilities, retrieval_ranks)
   y, scores = _binary(labels), _scores(scores)
   # One (group, -score) sort serves both the reranked lists and GAUC: it is
   # the GAUC sort of -score, and per user AUC(score) = 1 - AUC(-score) (ties
   # count 1/2 either way), so the size-weighted mean flips the same way.
-  order = _rerank_order(groups, scores, retrieval_rank)
+  order = _rerank_order(groups, scores, retrieval_ranks)
   sorted_groups = groups[order]
   flipped_gauc, gauc_users = _sorted_group_auc(sorted_groups, y[order], -scores[order])
   out = {"auc": auc(labels, scores), "gauc": 1.0 - flipped_gauc, "gauc_users": gauc_users,
          "logloss": logloss(labels, probabilities)}
-  reranked = list_metrics(groups, labels, _positions(sorted_groups, order), ks)
-  retrieval = list_metrics(groups, labels, retrieval_rank, ks)
+  reranked = list_metrics(groups, labels, _ranks(sorted_groups, order), ks)
+  retrieval = list_metrics(groups, labels, retrieval_ranks, ks)
   for k in ks:
     for name in (f"hit_rate@{k}", f"ndcg@{k}"):
       out[name] = reranked[name]
       out[f"retrieval_{name}"] = retrieval[name]
-  retrieval_scores = -retrieval_rank.astype(np.float64)
+  retrieval_scores = -retrieval_ranks.astype(np.float64)
   out["retrieval_auc"] = auc(labels, retrieval_scores)
   out["retrieval_gauc"] = group_auc(groups, labels, retrieval_scores)[0]
-  out["users"] = reranked["users"]
-  out["users_with_positive"] = reranked["users_with_positive"]
+  out["num_users"] = reranked["num_users"]
+  out["num_users_with_positive"] = reranked["num_users_with_positive"]
   out["examples"] = int(len(labels))
   out["positives"] = int(y.sum())
   return out

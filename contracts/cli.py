@@ -3,7 +3,7 @@
 import sys
 from typing import NoReturn
 
-from preprocess.errors import ConfigError
+from contracts.errors import ConfigError
 
 
 def fail(program: str, message: str, code: int) -> NoReturn:

@@ -21,8 +21,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocess import locks
-from preprocess.errors import DataError
+from contracts import locks
+from contracts.errors import DataError
 
 
 def is_nonempty_dir(path: Path) -> bool:

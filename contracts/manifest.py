@@ -35,8 +35,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from preprocess.errors import DataError
-from preprocess.fileio import sha256_file, write_json_atomic
+from contracts.errors import DataError
+from contracts.fileio import sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
 RANKING_SCHEMA_VERSION = 1
