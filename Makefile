@@ -1,5 +1,6 @@
 # The README's two commands. Each creates .venv on first use and installs the
-# project into it (CPU TensorFlow); re-installs when the package metadata changes.
+# project into it (CPU TensorFlow, the test and Ray extras); re-installs when
+# the package metadata changes.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ DEMO_DIR ?= build/demo
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[cpu,test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[cpu,test,ray]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -130,8 +130,6 @@ class Plan:
   info: ExportInfo
   query_split: str
   num_users: int
-  begin: int
-  end: int
   spec: index_lib.IndexSpec
 
 
@@ -154,10 +152,8 @@ def plan(config: RetrievalConfig) -> Plan:
     raise ConfigError(str(e)) from e
   if config.nprobe and spec.kind in ("ivf", "ivf_pq") and config.nprobe > spec.nlist:
     raise ConfigError(f"--nprobe={config.nprobe} is larger than nlist ({spec.nlist})")
-  n = histories.num_users(manifest)
-  w, workers = config.worker_index, config.num_workers
   query_split = histories.ALL if config.eval_split == EVAL_NONE else config.eval_split
-  return Plan(manifest, info, query_split, n, n * w // workers, n * (w + 1) // workers, spec)
+  return Plan(manifest, info, query_split, histories.num_users(manifest), spec)
 
 
 def part_prefix(worker: int, num_workers: int) -> str:
@@ -172,8 +168,36 @@ def success_name(worker: int, num_workers: int) -> str:
   return f"{SUCCESS_FILE}-{worker:05d}-of-{num_workers:05d}.json"
 
 
+def share_range(num_users: int, worker: int, num_workers: int) -> tuple[int, int]:
+  """Share `worker` of `num_workers`: users [n W / N, n (W + 1) / N)."""
+  return num_users * worker // num_workers, num_users * (worker + 1) // num_workers
+
+
 def run(config: RetrievalConfig) -> dict:
   """Runs this worker's share; returns the job metrics once every worker is done, else {}."""
+  with open_job(config) as opened:
+    runner = ShareRunner(config, opened)
+    search_params = runner.run_share(config.worker_index)
+    return finish_if_complete(opened.out, config, opened.plan, search_params)
+
+
+@dataclasses.dataclass
+class OpenedJob:
+  """A job whose output this process has claimed (job.json matches; OUT/.lock held shared)."""
+  plan: Plan
+  out: Path
+  model: dict
+  lock: locks.LockFile
+
+  def __enter__(self) -> "OpenedJob":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.lock.close()
+
+
+def open_job(config: RetrievalConfig) -> OpenedJob:
+  """Validates the flags and claims the output for the life of the returned job."""
   p = plan(config)
   out = Path(config.output_dir)
   if out.exists() and not out.is_dir():
@@ -183,70 +207,86 @@ def run(config: RetrievalConfig) -> dict:
   job_lock = locks.LockFile(out / locks.LOCK_FILE, "retrieval job", out)
   try:
     _claim_output(out, stamp, config.overwrite, job_lock)
-    share = f"{SHARE_LOCK_PREFIX}{part_prefix(config.worker_index, config.num_workers)}"
-    with locks.exclusive_file(out / share, f"retrieval worker {config.worker_index} of "
-                              f"{config.num_workers} of this job", out):
-      return _run_claimed(config, p, out, model)
-  finally:
+  except BaseException:
     job_lock.close()
+    raise
+  return OpenedJob(p, out, model, job_lock)
 
 
-def _run_claimed(config: RetrievalConfig, p: Plan, out: Path, model: dict) -> dict:
-  """This worker's share, with the job claimed and the share locked."""
-  if config.threads:
-    faiss.omp_set_num_threads(config.threads)
+class ShareRunner:
+  """What every share searches with, loaded once (the index, the user tower,
+  the vocabularies), and `run_share` for any share of the job."""
 
-  items = Vocabulary.from_parquet(p.manifest.path(mf.ITEMS_FILE), "item_id")
-  users = Vocabulary.from_parquet(p.manifest.path(mf.USERS_FILE), "user_id")
-  index, exact, dense = _index(config, p, out, items, model)
-  search_params = index_lib.set_search_params(index, config.nprobe, config.ef_search,
-                                              config.topk)
-  tower = tower_lib.UserTower(Path(config.model_dir), p.info)
-  # Every `stride`-th user (global position) is also searched exactly.
-  stride = max(1, p.num_users // config.ann_recall_users) if exact is not None and \
-      config.ann_recall_users else 0
+  def __init__(self, config: RetrievalConfig, opened: OpenedJob):
+    if config.threads:
+      faiss.omp_set_num_threads(config.threads)
+    self.config, self.p, self.out = config, opened.plan, opened.out
+    self.items = Vocabulary.from_parquet(self.p.manifest.path(mf.ITEMS_FILE), "item_id")
+    self.users = Vocabulary.from_parquet(self.p.manifest.path(mf.USERS_FILE), "user_id")
+    self.index, self.exact, self.dense = _index(config, self.p, self.out, self.items,
+                                                opened.model)
+    self.search_params = index_lib.set_search_params(self.index, config.nprobe,
+                                                     config.ef_search, config.topk)
+    self.tower = tower_lib.UserTower(Path(config.model_dir), self.p.info)
+    # Every `stride`-th user (global position) is also searched exactly.
+    self.stride = max(1, self.p.num_users // config.ann_recall_users) \
+        if self.exact is not None and config.ann_recall_users else 0
 
-  (out / CANDIDATES_DIR).mkdir(exist_ok=True)
-  # Temporaries of parts a killed run of this worker was writing.
-  for stale in (out / CANDIDATES_DIR).glob(
-      f".{part_prefix(config.worker_index, config.num_workers)}-*.tmp-*"):
-    stale.unlink(missing_ok=True)
-  totals: list[dict] = []
-  started, done_users, skipped = time.perf_counter(), 0, 0
-  batches = histories.iter_query_batches(p.manifest, p.query_split, p.begin, p.end,
-                                         config.batch_size)
-  num_batches = -(-(p.end - p.begin) // config.batch_size)
-  logging.info("worker %d/%d: users %d..%d in %d batches of %d, index %s %s", config.worker_index,
-               config.num_workers, p.begin, p.end, num_batches, config.batch_size, p.spec.kind,
-               search_params)
-  for b, queries in enumerate(batches):
-    path = out / CANDIDATES_DIR / part_name(config.worker_index, config.num_workers, b)
-    if path.exists():
-      totals.append(_read_stats(path))
-      skipped += 1
-      continue
-    first = p.begin + b * config.batch_size
-    stats = _candidates_for_batch(queries, first, config, p, index, exact, dense, stride,
-                                  items, users, tower, path)
-    totals.append(stats)
-    done_users += len(queries)
-    elapsed = time.perf_counter() - started
-    logging.info("batch %d/%d: %d users, %.0f users/s end to end, %.0f queries/s search%s",
-                 b + 1, num_batches, len(queries), done_users / elapsed,
-                 stats["users"] / max(stats["search_seconds"], 1e-9),
-                 f" ({stats['researched_rows']} rows re-searched)" if stats["researched_rows"]
-                 else "")
-  if skipped:
-    logging.info("%d of %d parts were already written (resumed)", skipped, num_batches)
-  summary = metrics.merge_sums(totals)
-  write_json_atomic(out / success_name(config.worker_index, config.num_workers),
-                    {"worker": config.worker_index, "num_workers": config.num_workers,
-                     "parts": num_batches, **summary})
-  return _finish_if_complete(out, config, p, search_params)
+  def run_share(self, worker: int) -> dict:
+    """Writes share `worker`'s missing parts and its success marker, holding
+    the share's lock; returns the search parameters."""
+    config = self.config
+    share = f"{SHARE_LOCK_PREFIX}{part_prefix(worker, config.num_workers)}"
+    with locks.exclusive_file(self.out / share, f"retrieval worker {worker} of "
+                              f"{config.num_workers} of this job", self.out):
+      self._run_locked(worker)
+    return self.search_params
+
+  def write_part(self, path: Path, queries, result, stats) -> None:
+    _write_part(path, queries, result, self.users, self.items, stats)
+
+  def _run_locked(self, worker: int) -> None:
+    config, p, out = self.config, self.p, self.out
+    begin, end = share_range(p.num_users, worker, config.num_workers)
+    prefix = part_prefix(worker, config.num_workers)
+    (out / CANDIDATES_DIR).mkdir(exist_ok=True)
+    # Temporaries of parts a killed run of this share was writing.
+    for stale in (out / CANDIDATES_DIR).glob(f".{prefix}-*.tmp-*"):
+      stale.unlink(missing_ok=True)
+    totals: list[dict] = []
+    started, done_users, skipped = time.perf_counter(), 0, 0
+    batches = histories.iter_query_batches(p.manifest, p.query_split, begin, end,
+                                           config.batch_size)
+    num_batches = -(-(end - begin) // config.batch_size)
+    logging.info("worker %d/%d: users %d..%d in %d batches of %d, index %s %s", worker,
+                 config.num_workers, begin, end, num_batches, config.batch_size, p.spec.kind,
+                 self.search_params)
+    for b, queries in enumerate(batches):
+      path = out / CANDIDATES_DIR / part_name(worker, config.num_workers, b)
+      if path.exists():
+        totals.append(_read_stats(path))
+        skipped += 1
+        continue
+      stats = _candidates_for_batch(queries, begin + b * config.batch_size, self, path)
+      totals.append(stats)
+      done_users += len(queries)
+      elapsed = time.perf_counter() - started
+      logging.info("batch %d/%d: %d users, %.0f users/s end to end, %.0f queries/s search%s",
+                   b + 1, num_batches, len(queries), done_users / elapsed,
+                   stats["users"] / max(stats["search_seconds"], 1e-9),
+                   f" ({stats['researched_rows']} rows re-searched)"
+                   if stats["researched_rows"] else "")
+    if skipped:
+      logging.info("%d of %d parts were already written (resumed)", skipped, num_batches)
+    summary = metrics.merge_sums(totals)
+    write_json_atomic(out / success_name(worker, config.num_workers),
+                      {"worker": worker, "num_workers": config.num_workers,
+                       "parts": num_batches, **summary})
 
 
-def _candidates_for_batch(queries, first, config, p, index, exact, dense, stride, items,
-                          users, tower, path) -> dict:
+def _candidates_for_batch(queries, first: int, runner: ShareRunner, path: Path) -> dict:
+  config, p, index, exact, dense = runner.config, runner.p, runner.index, runner.exact, runner.dense
+  stride, items, tower = runner.stride, runner.items, runner.tower
   t0 = time.perf_counter()
   history = queries.last_items(p.manifest.max_seq_len)[0]
   vectors = np.ascontiguousarray(tower(history, queries.user), dtype=np.float32)
@@ -277,7 +317,7 @@ def _candidates_for_batch(queries, first, config, p, index, exact, dense, stride
       stats["ann_overlap_sum"] = float(_overlap(result.items[rows], reference.items,
                                                 reference.counts).sum())
   stats["seconds"] = time.perf_counter() - t0
-  _write_part(path, queries, result, users, items, stats)
+  runner.write_part(path, queries, result, stats)
   return stats
 
 
@@ -450,7 +490,8 @@ def _model_identity(config: RetrievalConfig, p: Plan) -> dict:
           "item_embeddings_sha256": sha256_file(embeddings)}
 
 
-def _finish_if_complete(out: Path, config: RetrievalConfig, p: Plan, search_params: dict) -> dict:
+def finish_if_complete(out: Path, config: RetrievalConfig, p: Plan, search_params: dict) -> dict:
+  """The job's metrics, _SUCCESS and metrics.json once every share's marker is there; else {}."""
   markers = [out / success_name(w, config.num_workers) for w in range(config.num_workers)]
   if not all(m.exists() for m in markers):
     logging.info("worker %d done; waiting for the other workers' markers", config.worker_index)

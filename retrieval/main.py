@@ -2,8 +2,10 @@
 
   retrieval --data_dir=DATA --model_dir=MODEL --output_dir=OUT [--index=ivf]
       [--num_workers=N --worker_index=W]
+  retrieval ... --engine=ray --num_workers=64 [--ray_address=HOST:6379] [--num_gpus=1]
 
-See retrieval/job.py for the output layout and the evaluation protocol.
+See retrieval/job.py for the output layout and the evaluation protocol, and
+retrieval/ray_engine.py for the Ray engine.
 """
 
 import functools
@@ -37,10 +39,20 @@ flags.DEFINE_enum("eval_split", _D.eval_split, ["valid", "test", job.EVAL_NONE],
 flags.DEFINE_list("eval_topk", list(map(str, _D.eval_topk)), "HitRate/NDCG cut-offs (<= topk).")
 flags.DEFINE_integer("ann_recall_users", _D.ann_recall_users,
                      "Users also searched exactly to measure ANN recall (non-flat indexes).")
-flags.DEFINE_integer("num_workers", _D.num_workers, "Processes sharing the users.")
+flags.DEFINE_integer("num_workers", _D.num_workers, "Shares of the users: processes of the default "
+                     "engine (each runs one), or what --engine=ray hands to its actors.")
 flags.DEFINE_integer("worker_index", _D.worker_index, "This process's share (0-based).")
 flags.DEFINE_integer("threads", _D.threads, "FAISS OpenMP threads (0: FAISS default).")
 flags.DEFINE_boolean("overwrite", _D.overwrite, "Replace another job's output in --output_dir.")
+flags.DEFINE_enum("engine", "default", ["default", "ray"],
+                  "default: this process runs share --worker_index of --num_workers; ray: a Ray "
+                  "cluster runs every share (needs the `ray` extra).")
+flags.DEFINE_string("ray_address", "", "--engine=ray: the cluster to connect to (default: start "
+                    "a local one).")
+flags.DEFINE_integer("num_actors", 0, "--engine=ray: actors, each loading the tower and index "
+                     "once (0: the cluster's CPUs / --cpus_per_worker).")
+flags.DEFINE_integer("cpus_per_worker", 1, "--engine=ray: CPUs (FAISS and TF threads) per actor.")
+flags.DEFINE_float("num_gpus", 0.0, "--engine=ray: GPUs per actor (the user tower runs on it).")
 
 
 fail = functools.partial(cli.fail, "retrieval")
@@ -57,7 +69,12 @@ def main(argv):
     config = job.RetrievalConfig(**{
         field: getattr(FLAGS, field) for field in job.RetrievalConfig.__dataclass_fields__
         if field != "eval_topk"}, eval_topk=cli.int_tuple(FLAGS.eval_topk, "eval_topk"))
-    result = job.run(config)
+    if FLAGS.engine == "ray":
+      from retrieval import ray_engine  # pylint: disable=import-outside-toplevel
+      result = ray_engine.run(config, FLAGS.ray_address, FLAGS.num_actors,
+                              FLAGS.cpus_per_worker, FLAGS.num_gpus)
+    else:
+      result = job.run(config)
   except ConfigError as e:
     fail(str(e), 2)
   except DataError as e:
