@@ -74,6 +74,17 @@ def define_flags() -> None:
 
 
 define_flags()
+# How the run is launched (not part of the saved config: any launcher resumes any run).
+flags.DEFINE_enum("launcher", "process", ["process", "ray"],
+                  "process: this process trains (one of the workers under multi_worker); ray: "
+                  "--num_workers Ray Train workers run --strategy=multi_worker (needs the `ray` "
+                  "extra).")
+flags.DEFINE_integer("num_workers", 2, "--launcher=ray: training workers.")
+flags.DEFINE_string("ray_address", "", "--launcher=ray: the cluster to connect to (default: "
+                    "start a local one).")
+flags.DEFINE_integer("cpus_per_worker", 1, "--launcher=ray: CPUs (TensorFlow threads) per "
+                     "worker.")
+flags.DEFINE_boolean("use_gpu", False, "--launcher=ray: one GPU per worker.")
 
 
 def config_from_flags() -> config_lib.TrainerConfig:
@@ -97,6 +108,9 @@ def main(argv):
   try:
     config = config_from_flags()
     _check_model_reads_the_flags(config)
+    if FLAGS.launcher == "ray":
+      _launch_on_ray(config)
+      return
     if config.mode == "eval":
       present = {f for f in config_lib.TrainerConfig.__dataclass_fields__ if FLAGS[f].present}
       config = config_lib.for_evaluation(config, present)
@@ -137,6 +151,38 @@ def main(argv):
         f" (best: step {result.metrics['global_step']})"
     print(f"trainer: step {result.global_step}{chosen}, {result.headline} "
           f"({config.model_dir}/metrics.json)")
+
+
+def _launch_on_ray(config: config_lib.TrainerConfig) -> None:
+  """--launcher=ray: the flags checked here (all but TF_CONFIG, which Ray
+  Train sets on each worker), the model_dir locked for the run, the workers
+  started on the cluster."""
+  if config.mode != "train":
+    raise config_lib.ConfigError(f"--mode={config.mode}: --launcher=ray trains; evaluate with "
+                                 "--mode=eval in one process")
+  if config.strategy not in ("default", "multi_worker"):
+    raise config_lib.ConfigError(f"--strategy={config.strategy}: --launcher=ray trains with "
+                                 "--strategy=multi_worker")
+  config = dataclasses.replace(config, strategy="multi_worker")
+  config_lib.validate(dataclasses.replace(config, strategy="default"))
+  from trainer import ray_launcher  # pylint: disable=import-outside-toplevel
+  ray_launcher.import_ray_train()  # a missing extra is one line before anything starts
+  try:
+    with locks.exclusive(config.model_dir, "trainer"):
+      config_lib.check_saved_config(config)
+      try:
+        metrics = ray_launcher.run(config, FLAGS.num_workers, FLAGS.ray_address,
+                                   FLAGS.cpus_per_worker, FLAGS.use_gpu)
+      except (config_lib.ConfigError, DataError):
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        fail(f"--launcher=ray: the run failed ({reason}); the same command resumes it from "
+             "the last checkpoint", 1)
+  except locks.DirectoryLocked as e:
+    fail(f"--model_dir: {e}", 1)
+  print(f"trainer: step {metrics['global_step']} on {FLAGS.num_workers} Ray workers "
+        f"({config.model_dir}/metrics.json)")
 
 
 def _check_model_reads_the_flags(config: config_lib.TrainerConfig) -> None:
