@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -63,9 +64,10 @@ def assert_same_output(out: Path, expected: Path):
   assert (out / job.SUCCESS_FILE).is_file()
 
 
-class DiesOnceInAPart(ray_engine.ShareWorker):
-  """Its process dies while writing share 1's second part, the first time only,
-  leaving the temporary a killed writer leaves behind."""
+class DiesOnceAndFailsShare2(ray_engine.ShareWorker):
+  """Its process dies while writing share 1's second part, the first time only
+  (leaving the temporary a killed writer leaves behind), and share 2 raises
+  once share 1 is done (a failure aborts the job's pending tasks)."""
 
   def __init__(self, config, cpus_per_worker):
     super().__init__(config, cpus_per_worker)
@@ -81,33 +83,32 @@ class DiesOnceInAPart(ray_engine.ShareWorker):
 
     self.runner.write_part = write_part
 
-
-def test_an_actor_that_dies_in_a_part_is_retried_and_leaves_no_partial_part(
-    local_ray, tiny_data, tiny_export, reference, tmp_path):
-  out = tmp_path / "out"
-  ray_engine.run(config(tiny_data, tiny_export, out), num_actors=2,
-                 worker_class=DiesOnceInAPart)
-  assert (tmp_path / "died").exists()  # the failure did happen, and Ray retried the share
-  assert_same_output(out, reference[0])
-
-
-class FailsInShare2(ray_engine.ShareWorker):
   def __call__(self, batch):
     if 2 in [int(w) for w in batch["share"]]:
+      share_1_done = Path(self.runner.out) / job.success_name(1, SHARES)
+      deadline = time.monotonic() + 180
+      while not share_1_done.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
       raise RuntimeError("share 2 failed")
     return super().__call__(batch)
 
 
-def test_a_failed_job_rerun_equals_the_uninterrupted_one_without_duplicate_rows(
+def test_a_dead_actor_is_retried_a_failed_job_resumes_and_the_output_is_the_default_engines(
     local_ray, tiny_data, tiny_export, reference, tmp_path):
   out = tmp_path / "out"
   with pytest.raises(Exception, match="share 2 failed"):
-    ray_engine.run(config(tiny_data, tiny_export, out), num_actors=1, worker_class=FailsInShare2)
+    ray_engine.run(config(tiny_data, tiny_export, out), num_actors=2,
+                   worker_class=DiesOnceAndFailsShare2)
+  # Ray restarted the actor that died in share 1 and retried the share: it is
+  # complete, its killed attempt's temporary is gone; share 2 failed the job.
+  assert (tmp_path / "died").exists()
+  assert (out / job.success_name(1, SHARES)).is_file()
+  assert not list((out / job.CANDIDATES_DIR).glob(".*"))
   assert not (out / job.SUCCESS_FILE).exists()
-  assert any((out / job.CANDIDATES_DIR).iterdir())  # the other shares' parts are there
+  # The same command again finishes the job: part for part the default engine's output.
   result = ray_engine.run(config(tiny_data, tiny_export, out), num_actors=2)
   expected, expected_result = reference
-  assert_same_output(out, expected)  # part for part, the default engine's output
+  assert_same_output(out, expected)
   assert result["ndcg@10"] == expected_result["ndcg@10"] and result["users"] > 0
   rows = pd.concat(parts(out).values())
   assert not rows.duplicated(["user_id", "recall_rank"]).any()
