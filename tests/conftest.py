@@ -114,3 +114,39 @@ def tiny_ranking(tiny_data, tiny_export, tmp_path_factory):
   return ranking.run(ranking.RankingConfig(
       data_dir=str(tiny_data.data_dir), candidates=tuple(outs), output_dir=str(root / "data"),
       max_hist_len=6, negatives_per_user=5, num_shards=2))
+
+
+# The tiny model of the multi-worker tests: deterministic (no dropout), a few steps.
+TINY_WORKER_FLAGS = ["--model=sasrec", "--batch_size=16", "--emb_dim=16", "--num_heads=2",
+                     "--num_blocks=1", "--ff_dim=16", "--warmup_steps=1", "--eval_topk=5,10",
+                     "--nojit_compile", "--shuffle_buffer=256", "--dropout=0",
+                     "--item_dropout=0"]
+# A 3-step in-batch run with export: the 2-process launcher's reference run.
+TWO_WORKER_RUN_FLAGS = [*TINY_WORKER_FLAGS, "--loss=in_batch", "--train_steps=3",
+                        "--steps_per_loop=1", "--log_every_steps=1", "--checkpoint_every_steps=2",
+                        "--export"]
+
+
+@pytest.fixture(scope="session")
+def two_worker_run(tiny_windows, tmp_path_factory):
+  """TWO_WORKER_RUN_FLAGS through tools/launch_workers.py with 2 local workers:
+  (exit code, model_dir, {worker: log text})."""
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+  import launch_workers
+  root = tmp_path_factory.mktemp("two_workers")
+  code = launch_workers.run_workers(
+      [*TWO_WORKER_RUN_FLAGS, f"--data_dir={tiny_windows.data_dir}", f"--model_dir={root / 'm'}"],
+      num_workers=2, log_dir=root / "logs", grace_seconds=30)
+  logs = {i: (root / "logs" / f"worker_{i}.log").read_text() for i in range(2)}
+  return code, root / "m", logs
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+  """One local Ray of 2 CPUs for every test that needs one (skipped without the extra)."""
+  ray = pytest.importorskip("ray")
+  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+  yield ray
+  ray.shutdown()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import small_trainer_config
+from conftest import TINY_WORKER_FLAGS, TWO_WORKER_RUN_FLAGS, small_trainer_config
 from contracts.errors import ConfigError
 from trainer import cluster, input_pipeline, train_lib
 
@@ -25,9 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import launch_workers  # noqa: E402
 
-TINY_MODEL = ["--model=sasrec", "--batch_size=16", "--emb_dim=16", "--num_heads=2",
-              "--num_blocks=1", "--ff_dim=16", "--warmup_steps=1", "--eval_topk=5,10",
-              "--nojit_compile", "--shuffle_buffer=256", "--dropout=0", "--item_dropout=0"]
+TINY_MODEL = TINY_WORKER_FLAGS
 
 
 # --- TF_CONFIG --------------------------------------------------------------
@@ -107,15 +105,18 @@ def single_process_loss_of_the_same_global_batch(manifest, model_dir, loss, work
 
 @pytest.mark.parametrize("loss", ["in_batch", "softmax"])
 @pytest.mark.slow
-def test_two_workers_train_like_one_process_and_only_the_chief_writes(tiny_windows, tmp_path,
-                                                                      loss):
-  model_dir = tmp_path / "m"
-  code = launch_workers.run_workers(
-      [*TINY_MODEL, f"--loss={loss}", f"--data_dir={tiny_windows.data_dir}",
-       f"--model_dir={model_dir}", "--train_steps=3", "--steps_per_loop=1",
-       "--log_every_steps=1", "--checkpoint_every_steps=2", "--noexport" if loss == "softmax"
-       else "--export"], num_workers=2, log_dir=tmp_path / "logs", grace_seconds=30)
-  logs = {i: (tmp_path / "logs" / f"worker_{i}.log").read_text() for i in range(2)}
+def test_two_workers_train_like_one_process_and_only_the_chief_writes(request, tiny_windows,
+                                                                      tmp_path, loss):
+  if loss == "in_batch":  # the session's reference run (tests/test_trainer_ray.py uses it too)
+    code, model_dir, logs = request.getfixturevalue("two_worker_run")
+  else:
+    model_dir = tmp_path / "m"
+    flags = [f for f in TWO_WORKER_RUN_FLAGS if f not in ("--loss=in_batch", "--export")]
+    code = launch_workers.run_workers(
+        [*flags, "--loss=softmax", "--noexport", f"--data_dir={tiny_windows.data_dir}",
+         f"--model_dir={model_dir}"], num_workers=2, log_dir=tmp_path / "logs",
+        grace_seconds=30)
+    logs = {i: (tmp_path / "logs" / f"worker_{i}.log").read_text() for i in range(2)}
   assert code == 0, logs
   # The global batch of 16 is split over the 2 workers' replicas, each worker
   # reading its half of the 4 shards; in_batch gathers negatives over both.

@@ -1,10 +1,10 @@
-"""retrieval --engine=ray on a local 2-CPU Ray: the default engine's output, retries, re-runs."""
+"""retrieval --engine=ray on a local 2-CPU Ray (conftest's local_ray): the default
+engine's output, retries, re-runs."""
 
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -21,14 +21,8 @@ SHARES = 3
 TIMING = {"queries_per_s", "users_per_s"}
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-  from ray import cloudpickle
-  # The failing actors below are defined here; Ray's workers get them by value.
-  cloudpickle.register_pickle_by_value(sys.modules[__name__])
-  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-  yield
-  ray.shutdown()
+# The failing actors below are defined here; Ray's workers get them by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def config(tiny_data, tiny_export, out, **overrides):
@@ -64,10 +58,9 @@ def assert_same_output(out: Path, expected: Path):
   assert (out / job.SUCCESS_FILE).is_file()
 
 
-class DiesOnceAndFailsShare2(ray_engine.ShareWorker):
-  """Its process dies while writing share 1's second part, the first time only
-  (leaving the temporary a killed writer leaves behind), and share 2 raises
-  once share 1 is done (a failure aborts the job's pending tasks)."""
+class DiesOnceInAPart(ray_engine.ShareWorker):
+  """Its process dies while writing share 1's second part, the first time only,
+  leaving the temporary a killed writer leaves behind."""
 
   def __init__(self, config, cpus_per_worker):
     super().__init__(config, cpus_per_worker)
@@ -83,33 +76,34 @@ class DiesOnceAndFailsShare2(ray_engine.ShareWorker):
 
     self.runner.write_part = write_part
 
+
+def test_an_actor_that_dies_in_a_part_is_retried_and_the_output_is_the_default_engines(
+    local_ray, tiny_data, tiny_export, reference, tmp_path):
+  out = tmp_path / "out"
+  result = ray_engine.run(config(tiny_data, tiny_export, out), num_actors=2,
+                          worker_class=DiesOnceInAPart)
+  assert (tmp_path / "died").exists()  # the actor did die, and Ray retried its share
+  expected, expected_result = reference
+  assert_same_output(out, expected)  # part for part; the killed attempt's temporary is gone
+  assert not list((out / job.CANDIDATES_DIR).glob(".*"))
+  assert result["ndcg@10"] == expected_result["ndcg@10"] and result["users"] > 0
+
+
+class FailsInShare2(ray_engine.ShareWorker):
   def __call__(self, batch):
     if 2 in [int(w) for w in batch["share"]]:
-      share_1_done = Path(self.runner.out) / job.success_name(1, SHARES)
-      deadline = time.monotonic() + 180
-      while not share_1_done.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
       raise RuntimeError("share 2 failed")
     return super().__call__(batch)
 
 
-def test_a_dead_actor_is_retried_a_failed_job_resumes_and_the_output_is_the_default_engines(
+def test_a_failed_job_rerun_equals_the_uninterrupted_one_without_duplicate_rows(
     local_ray, tiny_data, tiny_export, reference, tmp_path):
   out = tmp_path / "out"
   with pytest.raises(Exception, match="share 2 failed"):
-    ray_engine.run(config(tiny_data, tiny_export, out), num_actors=2,
-                   worker_class=DiesOnceAndFailsShare2)
-  # Ray restarted the actor that died in share 1 and retried the share: it is
-  # complete, its killed attempt's temporary is gone; share 2 failed the job.
-  assert (tmp_path / "died").exists()
-  assert (out / job.success_name(1, SHARES)).is_file()
-  assert not list((out / job.CANDIDATES_DIR).glob(".*"))
+    ray_engine.run(config(tiny_data, tiny_export, out), num_actors=1, worker_class=FailsInShare2)
   assert not (out / job.SUCCESS_FILE).exists()
-  # The same command again finishes the job: part for part the default engine's output.
-  result = ray_engine.run(config(tiny_data, tiny_export, out), num_actors=2)
-  expected, expected_result = reference
-  assert_same_output(out, expected)
-  assert result["ndcg@10"] == expected_result["ndcg@10"] and result["users"] > 0
+  ray_engine.run(config(tiny_data, tiny_export, out), num_actors=2)
+  assert_same_output(out, reference[0])
   rows = pd.concat(parts(out).values())
   assert not rows.duplicated(["user_id", "recall_rank"]).any()
 

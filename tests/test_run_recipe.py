@@ -1,6 +1,7 @@
 """tools/run_recipe.py: a recipe runs end to end with 2 seeds on the tiny log."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,23 @@ def run_tiny_recipe(tiny_news_dir, work, seeds, metrics, header=""):
   recipe.write_text(header + RECIPE)
   return run_tool(f"--recipe={recipe}", f"--seeds={seeds}", f"--work_dir={work}",
                   f"--data_root={tiny_news_dir.parent}", f"--metrics={metrics}")
+
+
+@pytest.fixture(scope="module")
+def trained_seed(tiny_news_dir, tmp_path_factory):
+  """A work dir with the tiny recipe's seed 1 trained; copy it (copy_work) to use it."""
+  work = tmp_path_factory.mktemp("recipe") / "work"
+  result = run_tiny_recipe(tiny_news_dir, work, "1", "hit_rate@10,ndcg@10")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return work
+
+
+def copy_work(work, tmp_path):
+  """A copy of a work dir without its summary: a rerun reuses the trained seeds."""
+  copy = tmp_path / "work"
+  shutil.copytree(work, copy)
+  (copy / "summary.json").unlink()
+  return copy
 
 
 @pytest.mark.slow
@@ -91,8 +109,9 @@ def test_also_evaluate_scores_the_same_checkpoints_with_the_other_protocol(tiny_
 
 
 @pytest.mark.slow
-def test_a_failed_second_evaluation_names_its_log_and_leaves_no_file(tiny_news_dir, tmp_path):
-  work = tmp_path / "work"
+def test_a_failed_second_evaluation_names_its_log_and_leaves_no_file(tiny_news_dir, trained_seed,
+                                                                     tmp_path):
+  work = copy_work(trained_seed, tmp_path)  # seed 1 is not trained again
   result = run_tiny_recipe(tiny_news_dir, work, "1", "hit_rate@5",
                            header="# also evaluate: --eval_negatives=-1\n")
   assert result.returncode != 0
@@ -133,8 +152,9 @@ def test_a_recipe_without_its_preprocess_line_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_unknown_metric_is_named_and_no_summary_is_written(tiny_news_dir, tmp_path):
-  work = tmp_path / "work"
+def test_an_unknown_metric_is_named_and_no_summary_is_written(tiny_news_dir, trained_seed,
+                                                             tmp_path):
+  work = copy_work(trained_seed, tmp_path)  # seed 1 is not trained again
   result = run_tiny_recipe(tiny_news_dir, work, "1", "hit_rate@100")
   assert result.returncode != 0
   assert "run_recipe: --metrics: 'hit_rate@100' is not among the valid metrics of seed 1" in \

@@ -10,45 +10,40 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import train_lib
+from conftest import TWO_WORKER_RUN_FLAGS
+from trainer import export, train_lib
 
 pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import launch_workers  # noqa: E402
-
-# As tests/test_multi_worker.py: tiny, deterministic (no dropout), a few steps.
-TINY_RUN = ["--model=sasrec", "--batch_size=16", "--emb_dim=16", "--num_heads=2",
-            "--num_blocks=1", "--ff_dim=16", "--warmup_steps=1", "--eval_topk=5,10",
-            "--nojit_compile", "--shuffle_buffer=256", "--dropout=0", "--item_dropout=0",
-            "--loss=in_batch", "--train_steps=4", "--steps_per_loop=1", "--log_every_steps=1",
-            "--checkpoint_every_steps=2", "--noexport", "--early_stopping_metric="]
 
 
 @pytest.mark.slow
-def test_two_ray_train_workers_train_like_the_two_process_launcher(tiny_windows, tmp_path):
-  data = f"--data_dir={tiny_windows.data_dir}"
-  launched, on_ray = tmp_path / "launched", tmp_path / "ray"
-  code = launch_workers.run_workers([*TINY_RUN, data, f"--model_dir={launched}"], num_workers=2,
-                                    log_dir=tmp_path / "logs", grace_seconds=30)
-  assert code == 0, (tmp_path / "logs" / "worker_0.log").read_text()[-3000:]
+def test_two_ray_train_workers_train_like_the_two_process_launcher(local_ray, two_worker_run,
+                                                                  tiny_windows, tmp_path):
+  code, launched, logs = two_worker_run  # TWO_WORKER_RUN_FLAGS through tools/launch_workers.py
+  assert code == 0, logs
+  on_ray = tmp_path / "ray"
   result = subprocess.run(
-      [sys.executable, "-m", "trainer.main", "--launcher=ray", "--num_workers=2", *TINY_RUN,
-       data, f"--model_dir={on_ray}"], capture_output=True, text=True, cwd=ROOT,
-      env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+      [sys.executable, "-m", "trainer.main", "--launcher=ray", "--num_workers=2",
+       f"--ray_address={local_ray.get_runtime_context().gcs_address}", *TWO_WORKER_RUN_FLAGS,
+       f"--data_dir={tiny_windows.data_dir}", f"--model_dir={on_ray}"],
+      capture_output=True, text=True, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f"trainer: step 4 on 2 Ray workers ({on_ray}/metrics.json)" in result.stdout
+  assert f"trainer: step 3 on 2 Ray workers ({on_ray}/metrics.json)" in result.stdout
   # The same loss at every step: the same cluster shape, data split and initial weights.
   expected, got = train_lib.train_scalars(launched, "loss"), train_lib.train_scalars(on_ray, "loss")
-  assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
-  np.testing.assert_allclose([got[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)],
+  assert sorted(got) == sorted(expected) == [1, 2, 3]
+  np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [expected[s] for s in (1, 2, 3)],
                              rtol=1e-5)
-  # Only the chief wrote the model directory: its checkpoints and final metrics.
-  assert tf.train.latest_checkpoint(str(on_ray / "checkpoints")).endswith("ckpt-4")
+  # Only the chief wrote the model directory: its checkpoints, metrics and export.
+  assert tf.train.latest_checkpoint(str(on_ray / "checkpoints")).endswith("ckpt-3")
   assert not (on_ray / train_lib.WORKER_TMP_DIR).exists()
   metrics = json.loads((on_ray / "metrics.json").read_text())
   wanted = json.loads((launched / "metrics.json").read_text())
   assert metrics["ndcg@10"] == pytest.approx(wanted["ndcg@10"], rel=1e-5)
+  np.testing.assert_allclose(np.load(on_ray / "export" / export.ITEM_EMBEDDINGS),
+                             np.load(launched / "export" / export.ITEM_EMBEDDINGS), rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_without_ray_the_launcher_is_a_one_line_error_naming_the_extra(tiny_windows, tmp_path):
