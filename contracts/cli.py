@@ -1,5 +1,6 @@
-"""What the three binaries share: one-line errors and list flags."""
+"""What the three binaries share: one-line errors, list flags, optional extras."""
 
+import importlib
 import sys
 from typing import NoReturn
 
@@ -18,3 +19,15 @@ def int_tuple(values: list[str], flag: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
   except ValueError:
     raise ConfigError(f"--{flag}={','.join(values)}: expected integers") from None
+
+
+RAY_EXTRA = "ray"  # setup.cfg's extra for the Ray engine and launcher
+
+
+def import_extra(flag: str, what: str, extra: str, *modules: str) -> list:
+  """`modules` imported, or a ConfigError saying which extra installs them."""
+  try:
+    return [importlib.import_module(m) for m in modules]
+  except ImportError as e:
+    raise ConfigError(f"{flag} needs {what} ({e}); install it with "
+                      f"pip install -e '.[{extra}]'") from None

@@ -25,19 +25,14 @@ import os
 
 from absl import logging
 
+from contracts import cli
 from contracts.errors import ConfigError
 from retrieval import job
 
-RAY_EXTRA = "pip install -e '.[ray]'"
-
 
 def import_ray():
-  """Ray, or a ConfigError naming the extra that installs it."""
-  try:
-    import ray  # pylint: disable=import-outside-toplevel
-    import ray.data  # noqa: F401  pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ConfigError(f"--engine=ray needs Ray ({e}); install it with {RAY_EXTRA}") from None
+  """Ray with Ray Data, or a ConfigError naming the extra that installs them."""
+  ray, _ = cli.import_extra("--engine=ray", "Ray", cli.RAY_EXTRA, "ray", "ray.data")
   return ray
 
 

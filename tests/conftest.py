@@ -150,3 +150,12 @@ def local_ray():
   ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
   yield ray
   ray.shutdown()
+
+
+def environment_without(module: str, tmp_path) -> dict[str, str]:
+  """This environment with `module` made unimportable for a subprocess (a
+  package of that name whose import raises, first on PYTHONPATH)."""
+  fake = tmp_path / "without" / module
+  fake.mkdir(parents=True)
+  (fake / "__init__.py").write_text(f"raise ImportError('No module named {module}')\n")
+  return {**os.environ, "PYTHONPATH": str(tmp_path / "without")}

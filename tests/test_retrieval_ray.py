@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import environment_without
 from retrieval import job
 
 ray = pytest.importorskip("ray")
@@ -109,10 +110,7 @@ def test_a_failed_job_rerun_equals_the_uninterrupted_one_without_duplicate_rows(
 
 
 def test_without_ray_the_engine_is_a_one_line_error_naming_the_extra(tmp_path):
-  fake = tmp_path / "site" / "ray"
-  fake.mkdir(parents=True)
-  (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
-  env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+  env = environment_without("ray", tmp_path)
   result = subprocess.run(
       [sys.executable, "-m", "retrieval.main", "--engine=ray", f"--data_dir={tmp_path}",
        f"--model_dir={tmp_path}", f"--output_dir={tmp_path / 'out'}"],
@@ -120,3 +118,15 @@ def test_without_ray_the_engine_is_a_one_line_error_naming_the_extra(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip() == ("retrieval: error: --engine=ray needs Ray (No module named "
                                    "ray); install it with pip install -e '.[ray]'")
+
+
+def test_a_worker_index_with_the_ray_engine_is_a_one_line_error(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "retrieval.main", "--engine=ray", "--worker_index=1",
+       "--num_workers=2", f"--data_dir={tmp_path}", f"--model_dir={tmp_path}",
+       f"--output_dir={tmp_path / 'out'}"],
+      capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("retrieval: error: --worker_index=1: --engine=ray runs every "
+                                   "share itself; leave it at 0")
+  assert not (tmp_path / "out").exists()

@@ -1,7 +1,6 @@
 """trainer --launcher=ray: Ray Train workers run the multi-worker training of the TF_CONFIG launcher."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import TWO_WORKER_RUN_FLAGS
+from conftest import TWO_WORKER_RUN_FLAGS, environment_without
 from trainer import export, train_lib
 
 pytest.importorskip("ray")
@@ -18,14 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_two_ray_train_workers_train_like_the_two_process_launcher(local_ray, two_worker_run,
-                                                                  tiny_windows, tmp_path):
+def test_two_ray_train_workers_train_like_the_two_process_launcher(two_worker_run, tiny_windows,
+                                                                  tmp_path):
   code, launched, logs = two_worker_run  # TWO_WORKER_RUN_FLAGS through tools/launch_workers.py
   assert code == 0, logs
   on_ray = tmp_path / "ray"
+  # Its own local Ray: actors other tests leave on a shared one could hold its CPUs.
   result = subprocess.run(
       [sys.executable, "-m", "trainer.main", "--launcher=ray", "--num_workers=2",
-       f"--ray_address={local_ray.get_runtime_context().gcs_address}", *TWO_WORKER_RUN_FLAGS,
+       *TWO_WORKER_RUN_FLAGS,
        f"--data_dir={tiny_windows.data_dir}", f"--model_dir={on_ray}"],
       capture_output=True, text=True, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -47,14 +47,28 @@ def test_two_ray_train_workers_train_like_the_two_process_launcher(local_ray, tw
 
 
 def test_without_ray_the_launcher_is_a_one_line_error_naming_the_extra(tiny_windows, tmp_path):
-  fake = tmp_path / "site" / "ray"
-  fake.mkdir(parents=True)
-  (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
   result = subprocess.run(
       [sys.executable, "-m", "trainer.main", "--launcher=ray", f"--data_dir={tiny_windows.data_dir}",
        f"--model_dir={tmp_path / 'm'}"], capture_output=True, text=True, cwd=ROOT,
-      env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+      env=environment_without("ray", tmp_path))
   assert result.returncode == 2
   assert result.stderr.strip() == ("trainer: error: --launcher=ray needs Ray Train (No module "
                                    "named ray); install it with pip install -e '.[ray]'")
+  assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--strategy=mirrored", "--strategy=mirrored: --launcher=ray trains with "
+                            "--strategy=multi_worker"),
+    ("--mode=eval", "--mode=eval: --launcher=ray trains; evaluate with --mode=eval in one "
+                    "process"),
+])
+def test_launcher_flags_it_cannot_honour_are_one_line_errors(tiny_windows, tmp_path, flag,
+                                                             message):
+  result = subprocess.run(
+      [sys.executable, "-m", "trainer.main", "--launcher=ray", flag,
+       f"--data_dir={tiny_windows.data_dir}", f"--model_dir={tmp_path / 'm'}"],
+      capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 2
+  assert result.stderr.strip() == f"trainer: error: {message}"
   assert not (tmp_path / "m").exists()

@@ -21,25 +21,19 @@ import os
 import time
 from pathlib import Path
 
+from contracts import cli
 from contracts.errors import ConfigError
 from contracts.model_layout import METRICS_FILE
 from trainer.config import TrainerConfig
 
-RAY_EXTRA = "pip install -e '.[ray]'"
 RAY_TRAIN_DIR = "ray_train"  # under model_dir: Ray Train's run state
 
 
 def import_ray_train():
-  """Ray Train's TensorFlow pieces, or a ConfigError naming the extra."""
-  try:
-    # pylint: disable=import-outside-toplevel
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
-  except ImportError as e:
-    raise ConfigError(f"--launcher=ray needs Ray Train ({e}); install it with "
-                      f"{RAY_EXTRA}") from None
-  return ray, RunConfig, ScalingConfig, TensorflowTrainer
+  """Ray and Ray Train's TensorFlow pieces, or a ConfigError naming the extra."""
+  ray, train, tensorflow_train = cli.import_extra(
+      "--launcher=ray", "Ray Train", cli.RAY_EXTRA, "ray", "ray.train", "ray.train.tensorflow")
+  return ray, train.RunConfig, train.ScalingConfig, tensorflow_train.TensorflowTrainer
 
 
 def train_on_worker(loop_config: dict) -> None:
