@@ -14,8 +14,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[cpu,test,ray]'
 	touch $(STAMP)
 
+# Two pytest workers: most tests wait on subprocesses, so the two cores stay busy.
+# Tests that start Ray or the 2-worker reference run share one worker (xdist_group).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # The tests not marked slow: the quick loop while editing (CI runs `make test`).
 test-fast: $(STAMP)

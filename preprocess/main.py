@@ -49,6 +49,16 @@ flags.DEFINE_enum("compression", "GZIP", list(mf.COMPRESSIONS), "TFRecord compre
 flags.DEFINE_integer("seed", 42, "Seed of the training example shuffle.")
 flags.DEFINE_integer("num_workers", 0, "Processes writing shards in parallel (0: one per CPU "
                      "core); the output does not depend on it.")
+flags.DEFINE_enum("engine", "default", ["default", "ray"],
+                  "default: this process (forked shard writers); ray: Ray Data operations on a "
+                  "Ray cluster, for logs larger than one machine's memory (--source=csv or "
+                  "news; needs the `ray` extra).")
+flags.DEFINE_string("ray_address", "", "--engine=ray: the cluster to connect to (default: start "
+                    "a local one).")
+flags.DEFINE_integer("ray_partitions", 0, "--engine=ray: user partitions, each cleaned by one "
+                     "task (0: one per 32 MB of input).")
+flags.DEFINE_integer("ray_object_store_bytes", 0, "--engine=ray with a local Ray: its object "
+                     "store size (0: Ray's default); beyond it, blocks spill to disk.")
 flags.DEFINE_string("movies", "", "movielens: movies.dat for categories (default: next to "
                     "the ratings file, if present).")
 flags.DEFINE_string("user_col", "", "csv, jsonl, recbole: user id column (recbole: user_id).")
@@ -141,7 +151,14 @@ def main(argv):
   except ValueError as e:
     cli.fail("preprocess", str(e), 2)
   try:
-    manifest = pipeline.run(config)
+    if FLAGS.engine == "ray":
+      from preprocess import ray_engine  # pylint: disable=import-outside-toplevel
+      manifest = ray_engine.run(config, FLAGS.ray_address, FLAGS.ray_partitions,
+                                FLAGS.ray_object_store_bytes)
+    else:
+      manifest = pipeline.run(config)
+  except ConfigError as e:
+    cli.fail("preprocess", str(e), 2)
   except DataError as e:
     cli.fail("preprocess", str(e), 1)
   counts = manifest.counts

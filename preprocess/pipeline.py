@@ -193,10 +193,16 @@ class ItemVocabulary:
   categories: pa.Table  # CATEGORY_COLUMNS
   item_category: np.ndarray  # int32 [num_items + 1]: category index of each item index
   counts: dict[str, int]
+  sorted_ids: np.ndarray  # the items' raw ids (int64 or string codes), sorted
+  rank: np.ndarray  # index - 1 of each of sorted_ids
 
   @property
   def size(self) -> int:
     return len(self.item_category)
+
+  def index_of(self, item_ids: np.ndarray) -> np.ndarray:
+    """Raw ids (all in the vocabulary) -> item indices (int32)."""
+    return (self.rank[np.searchsorted(self.sorted_ids, item_ids)] + 1).astype(np.int32)
 
 
 def _with_padding_row(values: np.ndarray, null: np.ndarray | None = None) -> pa.Array:
@@ -223,23 +229,36 @@ def _nullable(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 
 def build_item_vocabulary(log: readers.RawLog, clean: CleanLog,
                           train_mask: np.ndarray) -> tuple[ItemVocabulary, np.ndarray]:
-  """Item and category vocabularies; returns them and every click's item index.
+  """Item and category vocabularies; returns them and every click's item index."""
+  clicked, code = np.unique(clean.item_id, return_inverse=True)
+  vocab = item_vocabulary(log, clean.kept_item_ids, clicked,
+                          train_clicks=np.bincount(code[train_mask], minlength=len(clicked)),
+                          all_clicks=np.bincount(code, minlength=len(clicked)))
+  return vocab, vocab.index_of(clean.item_id)
 
-  Items are the clicked ones plus every row of the source's item table (the
-  notebooks index all articles, clicked or not), minus --min_item_clicks
-  drops. Index order is training clicks descending, ties by raw id.
+
+def item_vocabulary(log: readers.RawLog, kept_item_ids: np.ndarray | None, clicked: np.ndarray,
+                    train_clicks: np.ndarray, all_clicks: np.ndarray) -> ItemVocabulary:
+  """Item and category vocabularies from clicks counted per item.
+
+  Items are the clicked ones (`clicked`, sorted raw ids; their training and
+  all clicks) plus every row of the source's item table (the notebooks index
+  all articles, clicked or not), minus --min_item_clicks drops
+  (`kept_item_ids`). Index order is training clicks descending, ties by raw id.
   """
   features = log.items if log.items is not None else pd.DataFrame(
       {"item_id": np.zeros(0, np.int64)})
-  if clean.kept_item_ids is not None:
-    features = features[features["item_id"].isin(clean.kept_item_ids)]
-  universe = np.unique(np.concatenate([clean.item_id, features["item_id"].to_numpy(np.int64)]))
-  code = np.searchsorted(universe, clean.item_id)
-  train_clicks = np.bincount(code[train_mask], minlength=len(universe))
-  order = np.lexsort((universe, -train_clicks))
+  if kept_item_ids is not None:
+    features = features[features["item_id"].isin(kept_item_ids)]
+  universe = np.union1d(clicked, features["item_id"].to_numpy(np.int64))
+  at = np.searchsorted(universe, clicked)
+  train_per_item = np.zeros(len(universe), np.int64)
+  train_per_item[at] = train_clicks
+  clicks_per_item = np.zeros(len(universe), np.int64)
+  clicks_per_item[at] = all_clicks
+  order = np.lexsort((universe, -train_per_item))
   rank = np.empty(len(universe), dtype=np.int64)
   rank[order] = np.arange(len(universe))
-  click_item_index = (rank[code] + 1).astype(np.int32)
   item_ids = universe[order]
 
   by_item = features.set_index("item_id").reindex(item_ids)
@@ -261,7 +280,7 @@ def build_item_vocabulary(log: readers.RawLog, clean: CleanLog,
   }
   for name in ("created_at_ts", "words_count"):
     columns[name] = _with_padding_row(*_nullable(by_item[name] if name in by_item else empty))
-  columns["train_clicks"] = pa.array(np.concatenate([[0], train_clicks[order]]).astype(np.int64))
+  columns["train_clicks"] = pa.array(np.concatenate([[0], train_per_item[order]]))
   items = pa.table(columns)
 
   names = pd.Series(dtype=object)
@@ -277,15 +296,15 @@ def build_item_vocabulary(log: readers.RawLog, clean: CleanLog,
                             .astype(np.int64)),
   })
   in_table = np.isin(item_ids, features["item_id"].to_numpy(np.int64))
-  all_clicks = np.bincount(click_item_index, minlength=len(item_ids) + 1)[1:]
+  item_clicks = clicks_per_item[order]
   counts = {
       "items": len(item_ids),
-      "clicked_items": int((all_clicks > 0).sum()),
-      "items_without_clicks": int((all_clicks == 0).sum()),
+      "clicked_items": int((item_clicks > 0).sum()),
+      "items_without_clicks": int((item_clicks == 0).sum()),
       "items_without_features": int((~in_table).sum()) if log.items is not None else 0,
       "categories": len(category_ids),
   }
-  return ItemVocabulary(items, categories, item_category, counts), click_item_index
+  return ItemVocabulary(items, categories, item_category, counts, universe, rank)
 
 
 def group_users(user_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -294,15 +313,19 @@ def group_users(user_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return user_id[first], np.append(first, len(user_id)).astype(np.int64)
 
 
-def _user_histories_table(seqs: sq.Sequences, holdout: sq.Holdout, user_ids: pa.Array,
-                          train_mask: np.ndarray) -> pa.Table:
-  """`user_ids`: the raw id of user index 1..U (int64 or string)."""
+def user_histories_table(seqs: sq.Sequences, holdout: sq.Holdout, user_ids: pa.Array,
+                         train_mask: np.ndarray, first_user: int = 1,
+                         large_lists: bool | None = None) -> pa.Table:
+  """The USER_HISTORIES_FILE rows of users first_user.. (the users of `seqs`);
+  `user_ids`: their raw ids (int64 or string). `large_lists`: large_list<>
+  columns (default: when the training clicks overflow list<>'s int32 offsets)."""
   offsets = np.concatenate([[0], np.cumsum(holdout.train_end - seqs.starts)])
-  # list<> offsets are int32; beyond 2**31 training clicks use large_list<>.
-  list_type = pa.ListArray if offsets[-1] < 2**31 else pa.LargeListArray
-  list_offsets = pa.array(offsets.astype(np.int32 if list_type is pa.ListArray else np.int64))
+  if large_lists is None:
+    large_lists = offsets[-1] >= 2**31
+  list_type = pa.LargeListArray if large_lists else pa.ListArray
+  list_offsets = pa.array(offsets.astype(np.int64 if large_lists else np.int32))
   columns = {
-      "user": pa.array(np.arange(1, seqs.num_users + 1, dtype=np.int32)),
+      "user": pa.array(np.arange(first_user, first_user + seqs.num_users, dtype=np.int32)),
       "user_id": user_ids,
       "history": list_type.from_arrays(list_offsets, pa.array(seqs.items[train_mask])),
       "history_ts": list_type.from_arrays(list_offsets, pa.array(seqs.ts[train_mask])),
@@ -313,6 +336,51 @@ def _user_histories_table(seqs: sq.Sequences, holdout: sq.Holdout, user_ids: pa.
     columns[f"{split}_item"] = pa.array(np.where(held, seqs.items[flat], 0).astype(np.int32))
     columns[f"{split}_ts"] = pa.array(np.where(held, seqs.ts[flat], 0), mask=~held)
   return pa.table(columns)
+
+
+def users_table(user_ids: np.ndarray, num_clicks: np.ndarray,
+                dictionary: np.ndarray | None) -> pa.Table:
+  """USERS_FILE: user index 0 (padding) .. U, raw id, clicks after cleaning."""
+  return pa.table({
+      "index": pa.array(np.arange(len(user_ids) + 1, dtype=np.int32)),
+      "user_id": _raw_id_column(user_ids, dictionary),
+      "num_clicks": pa.array(np.concatenate([[0], num_clicks]).astype(np.int64)),
+  })
+
+
+def example_features(seqs: sq.Sequences, targets: np.ndarray, item_category: np.ndarray,
+                     max_seq_len: int) -> dict[str, np.ndarray]:
+  """The TFRecord features of the examples whose targets are `targets` (flat indices)."""
+  users = seqs.user_of(targets)
+  history, length = sq.pad_left_ragged(seqs.items, seqs.starts[users - 1], targets, max_seq_len)
+  target = seqs.items[targets]
+  return {
+      mf.FEATURE_USER: users,
+      mf.FEATURE_HISTORY: history,
+      mf.FEATURE_LENGTH: length,
+      mf.FEATURE_TARGET: target,
+      mf.FEATURE_TARGET_CATEGORY: item_category[target],
+  }
+
+
+def build_manifest(config: PreprocessConfig, log: readers.RawLog, counts: dict[str, int],
+                   vocab: ItemVocabulary, splits: dict[str, mf.SplitInfo],
+                   num_users: int) -> mf.Manifest:
+  return mf.Manifest(
+      source={"type": config.source, "time_unit": log.time_unit,
+              "inputs": [str(Path(p).absolute()) for p in log.inputs],
+              "id_types": log.id_types()},
+      flags=config.to_dict(),
+      max_seq_len=config.max_seq_len,
+      samples=config.samples,
+      holdout=config.holdout,
+      compression=config.compression,
+      counts={**counts, **vocab.counts, "users": num_users,
+              **{f"examples_{s}": info.num_examples for s, info in splits.items()}},
+      vocab_sizes={"items": vocab.size, "users": num_users + 1,
+                   "categories": vocab.categories.num_rows},
+      splits=splits,
+  )
 
 
 # State shared with forked shard writers (inherited copy-on-write, not pickled).
@@ -326,18 +394,9 @@ def _write_shard(job: tuple[str, int, int, np.ndarray]) -> mf.ShardInfo:
   relative = mf.shard_file_name(split, shard, num_shards, config.compression)
   with TFRecordFileWriter(ctx["out_dir"] / relative, config.compression) as writer:
     for begin in range(0, len(targets), config.examples_per_chunk):
-      chunk = targets[begin:begin + config.examples_per_chunk]
-      users = seqs.user_of(chunk)
-      history, length = sq.pad_left_ragged(seqs.items, seqs.starts[users - 1], chunk,
-                                           config.max_seq_len)
-      target = seqs.items[chunk]
-      writer.write_examples({
-          mf.FEATURE_USER: users,
-          mf.FEATURE_HISTORY: history,
-          mf.FEATURE_LENGTH: length,
-          mf.FEATURE_TARGET: target,
-          mf.FEATURE_TARGET_CATEGORY: ctx["item_category"][target],
-      })
+      writer.write_examples(example_features(
+          seqs, targets[begin:begin + config.examples_per_chunk], ctx["item_category"],
+          config.max_seq_len))
     sha = writer.close()
   return mf.ShardInfo(relative, len(targets), writer.bytes_written, sha)
 
@@ -480,11 +539,7 @@ def _run_locked(config: PreprocessConfig, output_dir: Path, replaceable: dict) -
     flat = holdout.targets[split]
     targets[split] = flat[flat >= 0]
 
-  users_table = pa.table({
-      "index": pa.array(np.arange(len(user_ids) + 1, dtype=np.int32)),
-      "user_id": _raw_id_column(user_ids, log.dictionaries.get("user")),
-      "num_clicks": pa.array(np.concatenate([[0], seqs.lengths]).astype(np.int64)),
-  })
+  users = users_table(user_ids, seqs.lengths, log.dictionaries.get("user"))
   examples_per_user = np.bincount(seqs.user_of(targets[mf.TRAIN]), minlength=len(offsets))[1:]
   counts.update(
       train_clicks=int(train_mask.sum()),
@@ -496,27 +551,13 @@ def _run_locked(config: PreprocessConfig, output_dir: Path, replaceable: dict) -
     (tmp / "vocab").mkdir()
     pq.write_table(vocab.items.append_column("target_count", pa.array(target_count)),
                    tmp / mf.ITEMS_FILE)
-    pq.write_table(users_table, tmp / mf.USERS_FILE)
+    pq.write_table(users, tmp / mf.USERS_FILE)
     pq.write_table(vocab.categories, tmp / mf.CATEGORIES_FILE)
-    pq.write_table(_user_histories_table(seqs, holdout, users_table.column("user_id").slice(1),
-                                         train_mask),
+    pq.write_table(user_histories_table(seqs, holdout, users.column("user_id").slice(1),
+                                        train_mask),
                    tmp / mf.USER_HISTORIES_FILE, row_group_size=mf.USER_HISTORIES_ROW_GROUP)
     splits = _write_splits(tmp, targets, seqs, vocab.item_category, config)
-    manifest = mf.Manifest(
-        source={"type": config.source, "time_unit": log.time_unit,
-                "inputs": [str(Path(p).absolute()) for p in log.inputs],
-                "id_types": log.id_types()},
-        flags=config.to_dict(),
-        max_seq_len=config.max_seq_len,
-        samples=config.samples,
-        holdout=config.holdout,
-        compression=config.compression,
-        counts={**counts, **vocab.counts, "users": len(user_ids),
-                **{f"examples_{s}": info.num_examples for s, info in splits.items()}},
-        vocab_sizes={"items": vocab.size, "users": len(user_ids) + 1,
-                     "categories": vocab.categories.num_rows},
-        splits=splits,
-    )
+    manifest = build_manifest(config, log, counts, vocab, splits, len(user_ids))
     mf.write(manifest, tmp)
   logging.info("wrote %s in %.1fs: %s", output_dir, time.perf_counter() - started,
                ", ".join(f"{s} {i.num_examples} examples" for s, i in splits.items()))

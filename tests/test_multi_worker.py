@@ -105,6 +105,7 @@ def single_process_loss_of_the_same_global_batch(manifest, model_dir, loss, work
 
 @pytest.mark.parametrize("loss", ["in_batch", "softmax"])
 @pytest.mark.slow
+@pytest.mark.xdist_group("cluster")  # two_worker_run once, on the xdist worker of its other user
 def test_two_workers_train_like_one_process_and_only_the_chief_writes(request, tiny_windows,
                                                                       tmp_path, loss):
   if loss == "in_batch":  # the session's reference run (tests/test_trainer_ray.py uses it too)

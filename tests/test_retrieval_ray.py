@@ -17,7 +17,8 @@ from retrieval import job
 ray = pytest.importorskip("ray")
 from retrieval import ray_engine  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs every test that starts Ray or the 2-worker reference run.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cluster")]
 SHARES = 3
 TIMING = {"queries_per_s", "users_per_s"}
 

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("cluster")  # with the other users of two_worker_run and Ray
 def test_two_ray_train_workers_train_like_the_two_process_launcher(two_worker_run, tiny_windows,
                                                                   tmp_path):
   code, launched, logs = two_worker_run  # TWO_WORKER_RUN_FLAGS through tools/launch_workers.py
