@@ -22,6 +22,18 @@ def int_tuple(values: list[str], flag: str) -> tuple[int, ...]:
 
 
 RAY_EXTRA = "ray"  # setup.cfg's extra for the Ray engine and launcher
+ENGINES = ("default", "ray")
+
+
+def define_engine_flags(default_engine: str, ray_engine: str) -> None:
+  """--engine and --ray_address for a job with a Ray engine; the texts say
+  what each engine does in that job."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_enum("engine", "default", list(ENGINES),
+                    f"default: {default_engine}; ray: {ray_engine} (needs the `{RAY_EXTRA}` "
+                    "extra).")
+  flags.DEFINE_string("ray_address", "", "--engine=ray: the cluster to connect to (default: "
+                      "start a local one).")
 
 
 def import_extra(flag: str, what: str, extra: str, *modules: str) -> list:

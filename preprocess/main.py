@@ -49,12 +49,9 @@ flags.DEFINE_enum("compression", "GZIP", list(mf.COMPRESSIONS), "TFRecord compre
 flags.DEFINE_integer("seed", 42, "Seed of the training example shuffle.")
 flags.DEFINE_integer("num_workers", 0, "Processes writing shards in parallel (0: one per CPU "
                      "core); the output does not depend on it.")
-flags.DEFINE_enum("engine", "default", ["default", "ray"],
-                  "default: this process (forked shard writers); ray: Ray Data operations on a "
-                  "Ray cluster, for logs larger than one machine's memory (--source=csv or "
-                  "news; needs the `ray` extra).")
-flags.DEFINE_string("ray_address", "", "--engine=ray: the cluster to connect to (default: start "
-                    "a local one).")
+cli.define_engine_flags("this process (forked shard writers)",
+                        "Ray Data operations on a Ray cluster, for logs larger than one "
+                        "machine's memory (--source=csv or news)")
 flags.DEFINE_integer("ray_partitions", 0, "--engine=ray: user partitions, each cleaned by one "
                      "task (0: one per 32 MB of input).")
 flags.DEFINE_integer("ray_object_store_bytes", 0, "--engine=ray with a local Ray: its object "

@@ -60,6 +60,9 @@ CSV_BLOCK_BYTES = 16 << 20
 PARQUET_BLOCK_ROWS = 1 << 20
 # --ray_partitions=0 aims at this many input bytes per partition.
 PARTITION_BYTES = 32 << 20
+# Users per batch where each click becomes an example (max_seq_len ids): a
+# block's worth of users would be a block's clicks times the history length.
+USERS_PER_BATCH = 1024
 _ROW_BITS = 40  # source key = file index << 40 | row in the file
 _SPLITS = (mf.TRAIN, mf.VALID, mf.TEST)
 _SHARD_BITS = 24  # shard key = split code << 24 | shard
@@ -722,8 +725,9 @@ def _run_locked(ray, config, files: ClickFiles, output_dir: Path, replaceable: d
 
 
 def examples_dataset(filtered, lookups, config, num_shards):
-  return filtered.map_batches(examples, batch_format="pyarrow", batch_size=None, fn_kwargs={
-      "lookups": lookups, "config": config, "num_shards": num_shards})
+  return filtered.map_batches(
+      examples, batch_format="pyarrow", batch_size=USERS_PER_BATCH,
+      fn_kwargs={"lookups": lookups, "config": config, "num_shards": num_shards})
 
 
 def _split_infos(out_dir: Path, shard_rows: list[dict], num_shards: dict[str, int],
@@ -761,8 +765,10 @@ def _write_histories(filtered, lookups, protocol: str, user_id_type: pa.DataType
                      train_clicks: int, path: Path) -> None:
   """The users sorted by index through one Parquet writer, in the default
   engine's row groups and list types."""
-  ordered = filtered.map_batches(histories, batch_format="pyarrow", batch_size=None, fn_kwargs={
-      "lookups": lookups, "protocol": protocol, "user_id_type": user_id_type}).sort("user")
+  ordered = filtered.map_batches(
+      histories, batch_format="pyarrow", batch_size=USERS_PER_BATCH,
+      fn_kwargs={"lookups": lookups, "protocol": protocol, "user_id_type": user_id_type}
+  ).sort("user")
   schema, writer, pending = None, None, []
   size = mf.USER_HISTORIES_ROW_GROUP
 

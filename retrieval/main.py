@@ -44,11 +44,8 @@ flags.DEFINE_integer("num_workers", _D.num_workers, "Shares of the users: proces
 flags.DEFINE_integer("worker_index", _D.worker_index, "This process's share (0-based).")
 flags.DEFINE_integer("threads", _D.threads, "FAISS OpenMP threads (0: FAISS default).")
 flags.DEFINE_boolean("overwrite", _D.overwrite, "Replace another job's output in --output_dir.")
-flags.DEFINE_enum("engine", "default", ["default", "ray"],
-                  "default: this process runs share --worker_index of --num_workers; ray: a Ray "
-                  "cluster runs every share (needs the `ray` extra).")
-flags.DEFINE_string("ray_address", "", "--engine=ray: the cluster to connect to (default: start "
-                    "a local one).")
+cli.define_engine_flags("this process runs share --worker_index of --num_workers",
+                        "a Ray cluster runs every share")
 flags.DEFINE_integer("num_actors", 0, "--engine=ray: actors, each loading the tower and index "
                      "once (0: the cluster's CPUs / --cpus_per_worker).")
 flags.DEFINE_integer("cpus_per_worker", 1, "--engine=ray: CPUs (FAISS and TF threads) per actor.")

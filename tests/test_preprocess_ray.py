@@ -100,7 +100,8 @@ def messy_log(tiny_news_dir) -> pd.DataFrame:
 @pytest.mark.slow
 @pytest.mark.xdist_group("cluster")
 def test_string_ids_in_several_files_give_the_default_engines_output(local_ray, messy_log,
-                                                                     tmp_path):
+                                                                     tmp_path, monkeypatch):
+  monkeypatch.setattr(ray_engine, "USERS_PER_BATCH", 7)  # blocks cut into many batches
   single = tmp_path / "log.csv"
   messy_log.to_csv(single, index=False)
   # The same rows in two files, CSV then Parquet: the files in name order are the log.
