@@ -101,6 +101,11 @@ class PreprocessConfig:
       return self.num_workers
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
+  def replaceable(self) -> dict[str, Any]:
+    """check_replaceable's and atomic_directory's arguments for --output_dir."""
+    return dict(overwrite=self.overwrite, own_file=mf.MANIFEST_FILE,
+                inputs=tuple(p for p in (self.input, self.movies) if p))
+
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d.pop("examples_per_chunk")
@@ -144,6 +149,16 @@ def _drop_exact_duplicates(user, item, ts) -> np.ndarray:
   return keep
 
 
+def no_clicks_left(clicks_file: str, min_item_clicks: int, min_user_clicks: int) -> DataError:
+  return DataError(f"{clicks_file}: no clicks left after --min_item_clicks={min_item_clicks} "
+                   f"and --min_user_clicks={min_user_clicks}")
+
+
+def no_examples(config: "PreprocessConfig", split: str) -> DataError:
+  return DataError(f"--input={config.input}: no {split} examples (every user is too short "
+                   f"for --holdout={config.holdout}?)")
+
+
 def clean_log(log: readers.RawLog, min_item_clicks: int, min_user_clicks: int) -> CleanLog:
   counts = {"input_rows": len(log.user_id)}
   # Times that go backwards within a user, in file order: the input was not
@@ -178,8 +193,7 @@ def clean_log(log: readers.RawLog, min_item_clicks: int, min_user_clicks: int) -
   else:
     counts["users_dropped_min_user_clicks"] = counts["rows_dropped_min_user_clicks"] = 0
   if not keep.any():
-    raise DataError(f"{log.clicks_file}: no clicks left after --min_item_clicks="
-                    f"{min_item_clicks} and --min_user_clicks={min_user_clicks}")
+    raise no_clicks_left(log.clicks_file, min_item_clicks, min_user_clicks)
   if not keep.all():
     user, item, ts = user[keep], item[keep], ts[keep]
   counts["clicks"] = len(user)
@@ -234,7 +248,7 @@ def build_item_vocabulary(log: readers.RawLog, clean: CleanLog,
   vocab = item_vocabulary(log, clean.kept_item_ids, clicked,
                           train_clicks=np.bincount(code[train_mask], minlength=len(clicked)),
                           all_clicks=np.bincount(code, minlength=len(clicked)))
-  return vocab, vocab.index_of(clean.item_id)
+  return vocab, vocab.index_of(clicked)[code]  # a lookup per distinct item, not per click
 
 
 def item_vocabulary(log: readers.RawLog, kept_item_ids: np.ndarray | None, clicked: np.ndarray,
@@ -314,9 +328,8 @@ def group_users(user_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def user_histories_table(seqs: sq.Sequences, holdout: sq.Holdout, user_ids: pa.Array,
-                         train_mask: np.ndarray, first_user: int = 1,
-                         large_lists: bool | None = None) -> pa.Table:
-  """The USER_HISTORIES_FILE rows of users first_user.. (the users of `seqs`);
+                         train_mask: np.ndarray, large_lists: bool | None = None) -> pa.Table:
+  """The USER_HISTORIES_FILE rows of the users of `seqs` (as users 1..U);
   `user_ids`: their raw ids (int64 or string). `large_lists`: large_list<>
   columns (default: when the training clicks overflow list<>'s int32 offsets)."""
   offsets = np.concatenate([[0], np.cumsum(holdout.train_end - seqs.starts)])
@@ -325,7 +338,7 @@ def user_histories_table(seqs: sq.Sequences, holdout: sq.Holdout, user_ids: pa.A
   list_type = pa.LargeListArray if large_lists else pa.ListArray
   list_offsets = pa.array(offsets.astype(np.int64 if large_lists else np.int32))
   columns = {
-      "user": pa.array(np.arange(first_user, first_user + seqs.num_users, dtype=np.int32)),
+      "user": pa.array(np.arange(1, seqs.num_users + 1, dtype=np.int32)),
       "user_id": user_ids,
       "history": list_type.from_arrays(list_offsets, pa.array(seqs.items[train_mask])),
       "history_ts": list_type.from_arrays(list_offsets, pa.array(seqs.ts[train_mask])),
@@ -412,8 +425,7 @@ def _write_splits(out_dir: Path, targets: dict[str, np.ndarray], seqs: sq.Sequen
   jobs = []
   for split, split_targets in targets.items():
     if len(split_targets) == 0:
-      raise DataError(f"--input={config.input}: no {split} examples (every user is too short "
-                      f"for --holdout={config.holdout}?)")
+      raise no_examples(config, split)
     (out_dir / split).mkdir(parents=True, exist_ok=True)
     num_shards = min(config.num_shards, len(split_targets))
     jobs += [(split, shard, num_shards, part)
@@ -501,8 +513,7 @@ def run(config: PreprocessConfig) -> mf.Manifest:
   """Runs the whole job; returns the manifest of the finished output directory."""
   config.validate()
   output_dir = Path(config.output_dir)
-  inputs = tuple(p for p in (config.input, config.movies) if p)
-  replaceable = dict(overwrite=config.overwrite, own_file=mf.MANIFEST_FILE, inputs=inputs)
+  replaceable = config.replaceable()
   check_replaceable(output_dir, **replaceable)  # before reading the input
   with locked_output(output_dir, "preprocess"):  # and before reading: a busy or unwritable output
     return _run_locked(config, output_dir, replaceable)

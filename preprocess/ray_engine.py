@@ -539,31 +539,38 @@ def _arrow_tables(dataset) -> list[pa.Table]:
   return ray.get(dataset.to_arrow_refs())
 
 
-def _item_totals(dataset, partitions: int) -> pd.DataFrame:
-  """Per-item sums of a dataset of partial per-item counts, on the driver."""
+def _item_totals(dataset, partitions: int) -> dict[str, pa.Array]:
+  """Per-item sums of a dataset of partial per-item counts, on the driver:
+  "item" (the raw ids) and each count column."""
   columns = [c for c in dataset.columns() if c != "item"]
-  summed = dataset.groupby("item", num_partitions=partitions).sum(columns)
-  frame = pa.concat_tables(_arrow_tables(summed)).to_pandas()
-  return frame.rename(columns={f"sum({c})": c for c in columns})
+  summed = pa.concat_tables(_arrow_tables(
+      dataset.groupby("item", num_partitions=partitions).sum(columns)))
+  return {"item": summed.column("item").combine_chunks(),
+          **{c: summed.column(f"sum({c})").to_numpy() for c in columns}}
 
 
 @dataclasses.dataclass
 class _Ids:
-  """How the driver turns raw ids into the default engine's int64 id space."""
-  is_int: bool
-  dictionary: np.ndarray | None = None  # sorted raw strings (string ids)
-  dictionary_array: pa.Array | None = None
+  """How the driver turns raw ids into the default engine's int64 id space:
+  the integers themselves, or positions in the sorted strings."""
+  sorted_strings: pa.Array | None = None  # None: integer ids
+
+  @property
+  def dictionary(self) -> np.ndarray | None:
+    """RawLog.dictionaries' form: the sorted raw strings, or None."""
+    if self.sorted_strings is None:
+      return None
+    return self.sorted_strings.to_numpy(zero_copy_only=False)
 
   def codes(self, values: pa.Array) -> np.ndarray:
-    if self.is_int:
+    if self.sorted_strings is None:
       return _as_ids(values, True).to_numpy()
-    return pc.index_in(values, value_set=self.dictionary_array).to_numpy()
+    return pc.index_in(values, value_set=self.sorted_strings).to_numpy()
 
 
 def _string_ids(*columns: pa.Array) -> _Ids:
   joined = pc.unique(pa.concat_arrays([c.cast(pa.string()) for c in columns]))
-  sorted_values = joined.take(pc.sort_indices(joined))
-  return _Ids(False, sorted_values.to_numpy(zero_copy_only=False), sorted_values)
+  return _Ids(joined.take(pc.sort_indices(joined)))
 
 
 def run(config: pipeline.PreprocessConfig, ray_address: str = "", num_partitions: int = 0,
@@ -573,8 +580,7 @@ def run(config: pipeline.PreprocessConfig, ray_address: str = "", num_partitions
   files = click_files(config)
   ray = import_ray()
   output_dir = Path(config.output_dir)
-  inputs = tuple(p for p in (config.input, config.movies) if p)
-  replaceable = dict(overwrite=config.overwrite, own_file=mf.MANIFEST_FILE, inputs=inputs)
+  replaceable = config.replaceable()
   check_replaceable(output_dir, **replaceable)
   if not ray.is_initialized():
     if object_store_memory and ray_address:
@@ -616,18 +622,17 @@ def _run_locked(ray, config, files: ClickFiles, output_dir: Path, replaceable: d
                        partitions)
   logging.info("read and cleaned %d clicks of %d users in %.1fs", sums["clicks"],
                users.count(), time.perf_counter() - started)
-  if not len(items):
+  item_values = items["item"]
+  if not len(item_values):
     raise DataError(f"{files.paths[0]}: the click log has no rows")
 
   # The id types, over every raw id (the default engine's rule).
-  item_values = pa.array(items["item"].to_numpy(), pa.string()) \
-      if items["item"].dtype == object else pa.array(items["item"].to_numpy())
-  features, category_names, category_dictionary, article_ids = None, None, None, None
+  features, category_dictionary, article_ids = None, None, None
   if files.articles:
     features, article_ids, category_dictionary, articles_header = _read_articles(files.articles)
   item_is_int = all_canonical(item_values) and (article_ids is None or all_canonical(article_ids))
   user_is_int = sums.pop("users_canonical")
-  item_ids = _Ids(True) if item_is_int else _string_ids(
+  item_ids = _Ids() if item_is_int else _string_ids(
       item_values, *([] if article_ids is None else [article_ids]))
   if features is not None:
     features.insert(0, "item_id", item_ids.codes(article_ids))
@@ -636,8 +641,7 @@ def _run_locked(ray, config, files: ClickFiles, output_dir: Path, replaceable: d
 
   kept_items = None
   if config.min_item_clicks > 0:
-    kept_items = item_values.filter(pa.array(items["clicks"].to_numpy() >=
-                                             config.min_item_clicks))
+    kept_items = item_values.filter(pa.array(items["clicks"] >= config.min_item_clicks))
   filtered = users.map_batches(filter_users, batch_format="pyarrow", batch_size=None, fn_kwargs={
       "kept_items": kept_items, "min_user_clicks": config.min_user_clicks,
       "user_is_int": user_is_int, "item_is_int": item_is_int, "holdout": config.holdout})
@@ -652,14 +656,13 @@ def _run_locked(ray, config, files: ClickFiles, output_dir: Path, replaceable: d
           "max_seq_len": config.max_seq_len,
           "max_samples_per_user": config.max_samples_per_user, "protocol": config.holdout})))
   if not counts["clicks"]:
-    raise DataError(f"{files.paths[0]}: no clicks left after --min_item_clicks="
-                    f"{config.min_item_clicks} and --min_user_clicks={config.min_user_clicks}")
+    raise pipeline.no_clicks_left(files.paths[0], config.min_item_clicks,
+                                  config.min_user_clicks)
   examples_per_split = {s: counts.pop(f"examples_{s}") for s in
                         (mf.TRAIN, *mf.HOLDOUT_SPLITS[config.holdout])}
   for split, n in examples_per_split.items():
     if n == 0:
-      raise DataError(f"--input={config.input}: no {split} examples (every user is too short "
-                      f"for --holdout={config.holdout}?)")
+      raise pipeline.no_examples(config, split)
 
   # Vocabularies, in the default engine's int64 id space.
   user_rows = pa.concat_tables(_arrow_tables(filtered.map_batches(
@@ -671,21 +674,19 @@ def _run_locked(ray, config, files: ClickFiles, output_dir: Path, replaceable: d
   log = readers.RawLog(
       np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), files.time_unit,
       list(files.paths) + ([files.articles] if files.articles else []), files.paths[0],
-      items=features, category_names=category_names,
+      items=features,
       dictionaries={"user": user_dictionary, "item": item_ids.dictionary,
                     "category": category_dictionary})
   clicked = _item_totals(filtered.map_batches(item_clicks, batch_format="pyarrow",
                                                batch_size=None), partitions)
-  clicked_values = pa.array(clicked["item"].to_numpy(), pa.string()) \
-      if clicked["item"].dtype == object else pa.array(clicked["item"].to_numpy())
-  codes = item_ids.codes(clicked_values)
+  codes = item_ids.codes(clicked["item"])
   order = np.argsort(codes)
   kept_codes = None if kept_items is None else np.sort(item_ids.codes(kept_items))
   vocab = pipeline.item_vocabulary(log, kept_codes, codes[order],
-                                   train_clicks=clicked["train"].to_numpy()[order],
-                                   all_clicks=clicked["clicks"].to_numpy()[order])
+                                   train_clicks=clicked["train"][order],
+                                   all_clicks=clicked["clicks"][order])
   item_keys = pa.array(vocab.sorted_ids) if item_is_int else \
-      item_ids.dictionary_array.take(pa.array(vocab.sorted_ids))
+      item_ids.sorted_strings.take(pa.array(vocab.sorted_ids))
   lookups = ray.put(Lookups(sorted_users, item_keys, (vocab.rank + 1).astype(np.int32),
                             vocab.item_category))
   logging.info("vocabularies: %d users, %d items (%.1fs)", len(sorted_users), vocab.size - 1,
@@ -696,7 +697,7 @@ def _run_locked(ray, config, files: ClickFiles, output_dir: Path, replaceable: d
     for split in num_shards:
       (tmp / split).mkdir()
     written = examples_dataset(filtered, lookups, config, num_shards).groupby(
-        "shard_key", num_partitions=sum(num_shards.values())).map_groups(
+        "shard_key", num_partitions=min(sum(num_shards.values()), partitions)).map_groups(
             write_shard, batch_format="pyarrow", fn_kwargs={
                 "out_dir": str(tmp), "compression": config.compression,
                 "num_shards": num_shards})
@@ -740,9 +741,8 @@ def _split_infos(out_dir: Path, shard_rows: list[dict], num_shards: dict[str, in
     for shard in range(n):
       relative = mf.shard_file_name(split, shard, n, compression)
       row = by_name.get(relative)
-      if row is None:
-        infos.append(_write_tfrecords(out_dir, relative, compression, pa.table({
-            mf.FEATURE_USER: pa.array([], pa.int32())}).slice(0, 0)))
+      if row is None:  # no rows: _write_tfrecords writes an empty file
+        infos.append(_write_tfrecords(out_dir, relative, compression, pa.table({})))
       else:
         infos.append(mf.ShardInfo(relative, row["num_examples"], row["bytes"], row["sha256"]))
     splits[split] = mf.SplitInfo(sum(i.num_examples for i in infos), tuple(infos))

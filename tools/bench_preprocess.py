@@ -34,8 +34,10 @@ into BUILD_NOTES.md with this command line.
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -138,7 +140,6 @@ def timed_tree(args: list[str]) -> dict:
   started = time.perf_counter()
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   peak, chunks = 0.0, []
-  import threading
   reader = threading.Thread(target=lambda: chunks.append(proc.stderr.read()), daemon=True)
   reader.start()
   spill_peak = 0
@@ -157,7 +158,6 @@ def timed_tree(args: list[str]) -> dict:
 
 def stage_times(log: str) -> dict[str, float]:
   """--engine=ray's progress lines -> seconds since the start at the end of each stage."""
-  import re
   stages = {"read and cleaned": "clean", "vocabularies:": "vocabularies",
             "examples in": "shards", "wrote /": "all"}
   out = {}
