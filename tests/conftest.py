@@ -143,11 +143,14 @@ def two_worker_run(tiny_windows, tmp_path_factory):
   return code, root / "m", logs
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray():
-  """One local Ray of 2 CPUs for every test that needs one (skipped without the extra)."""
+  """A new local Ray of 2 CPUs for the tests of one module (skipped without the
+  extra). Per module, so the driver's threads do not outlive the tests that use
+  it in a worker that goes on training TensorFlow models; "local", so it is
+  never a cluster some other process started."""
   ray = pytest.importorskip("ray")
-  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+  ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
   yield ray
   ray.shutdown()
 
