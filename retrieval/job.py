@@ -7,7 +7,7 @@
     index/index_info.json          what was built, from which export
     index/labels.parquet           string ids only: label (int64) -> item_id (raw string)
     candidates/part-WWWWW-of-NNNNN-BBBBBB.parquet
-                                   user_id, article_id (raw ids, int64 or string as in the
+                                   user_id, item_id (raw ids, int64 or string as in the
                                    data's vocabularies), recall_score (float32),
                                    recall_rank (1-based); one file per batch of users
     _SUCCESS-WWWWW-of-NNNNN.json   worker W finished: its counts and metric sums
@@ -57,8 +57,9 @@ from contracts import histories
 from contracts import locks
 from contracts import manifest as mf
 from contracts import metrics
-from contracts.candidates import (CANDIDATES_DIR, INDEX_DIR, JOB_FILE, LABELS_FILE, METRICS_FILE,
-                                  SUCCESS_FILE, candidate_schema)
+from contracts.candidates import (CANDIDATES_DIR, CANDIDATES_VERSION, INDEX_DIR, ITEM_COLUMN,
+                                  JOB_FILE, LABELS_FILE, METRICS_FILE, SUCCESS_FILE, VERSION_KEY,
+                                  candidate_schema)
 from contracts.errors import ConfigError, DataError
 from contracts.export_manifest import EXPORT_DIR, ExportInfo
 from contracts.fileio import sha256_file, write_json_atomic, write_parquet_atomic
@@ -203,7 +204,8 @@ def open_job(config: RetrievalConfig) -> OpenedJob:
   if out.exists() and not out.is_dir():
     raise DataError(f"--output_dir={out}: exists and is not a directory")
   model = _model_identity(config, p)
-  stamp = {**config.shared(), **model, "spec": dataclasses.asdict(p.spec)}
+  stamp = {VERSION_KEY: CANDIDATES_VERSION, **config.shared(), **model,
+           "spec": dataclasses.asdict(p.spec)}
   job_lock = locks.LockFile(out / locks.LOCK_FILE, "retrieval job", out)
   try:
     _claim_output(out, stamp, config.overwrite, job_lock)
@@ -336,7 +338,7 @@ def _write_part(path: Path, queries, result, users, items, stats) -> None:
   schema = candidate_schema(users.arrow_type, items.arrow_type)
   table = pa.table({
       "user_id": users.to_arrow(queries.user[row]),
-      "article_id": items.to_arrow(result.items[mask]),
+      ITEM_COLUMN: items.to_arrow(result.items[mask]),
       "recall_score": pa.array(result.scores[mask], pa.float32()),
       "recall_rank": pa.array(np.nonzero(mask)[1].astype(np.int32) + 1, pa.int32()),
   }, schema=schema.with_metadata({STATS_KEY: json.dumps(stats).encode()}))

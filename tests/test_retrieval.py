@@ -183,7 +183,7 @@ def test_flat_job_metrics_equal_the_trainers_full_ranking(tiny_data, tiny_export
   ranks = cands.groupby("user_id").recall_rank.apply(list)
   assert (ranks.apply(lambda r: r == list(range(1, 21)))).all()
   assert cands.recall_score.dtype == np.float32
-  assert not cands.duplicated(["user_id", "article_id"]).any()
+  assert not cands.duplicated(["user_id", "item_id"]).any()
   assert (tmp_path / "out" / job.SUCCESS_FILE).exists()
 
 
