@@ -75,6 +75,15 @@ INDEX_LOCK = ".lock-index"
 # How long a worker waits for another job's exclusive hold (replacing its
 # output: deletions only) before it reports the directory as busy.
 CLAIM_WAIT_SECONDS = 60.0
+# --eval_topk's default: those of these cut-offs that are <= --topk (--topk itself when none is).
+DEFAULT_EVAL_TOPK = (10, 20, 50)
+# FAISS HNSW needs 2 neighbours per node or more (0 aborts, 1 crashes); past a
+# few hundred the graph costs memory (8 M bytes per item at level 0) for nothing.
+HNSW_M_RANGE = (2, 512)
+
+
+def default_eval_topk(topk: int) -> tuple[int, ...]:
+  return tuple(k for k in DEFAULT_EVAL_TOPK if k <= topk) or (topk,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +101,7 @@ class RetrievalConfig:
   batch_size: int = 8192
   exclude_seen: bool = True
   eval_split: str = mf.VALID
-  eval_topk: tuple[int, ...] = (10, 20, 50)
+  eval_topk: tuple[int, ...] = ()  # (): default_eval_topk(topk)
   ann_recall_users: int = 2000
   num_workers: int = 1
   worker_index: int = 0
@@ -103,6 +112,10 @@ class RetrievalConfig:
   SHARED = ("index", "nlist", "nprobe", "pq_m", "hnsw_m", "ef_search", "topk", "batch_size",
             "exclude_seen", "eval_split", "eval_topk", "ann_recall_users", "num_workers")
 
+  def __post_init__(self):
+    if not self.eval_topk:
+      object.__setattr__(self, "eval_topk", default_eval_topk(self.topk))
+
   def validate(self) -> None:
     if self.index not in index_lib.INDEX_TYPES:
       raise ConfigError(f"--index={self.index}: expected one of {', '.join(index_lib.INDEX_TYPES)}")
@@ -112,6 +125,12 @@ class RetrievalConfig:
     for name in ("nlist", "nprobe", "ef_search", "threads", "ann_recall_users"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")
+    if self.pq_m < 1:
+      raise ConfigError(f"--pq_m={self.pq_m}: must be >= 1 (and divide the embedding size)")
+    low, high = HNSW_M_RANGE
+    if not low <= self.hnsw_m <= high:
+      raise ConfigError(f"--hnsw_m={self.hnsw_m}: must be in {low}..{high} (neighbours per "
+                        "node; 16 to 64 is usual)")
     if not 0 <= self.worker_index < self.num_workers:
       raise ConfigError(f"--worker_index={self.worker_index} is out of range for "
                         f"--num_workers={self.num_workers}")

@@ -36,7 +36,8 @@ flags.DEFINE_boolean("exclude_seen", _D.exclude_seen, "Remove each user's clicke
 flags.DEFINE_enum("eval_split", _D.eval_split, ["valid", "test", job.EVAL_NONE],
                   "Query histories and targets: valid = training clicks (the notebooks' "
                   "export), test = + the validation click, none = every click, no metrics.")
-flags.DEFINE_list("eval_topk", list(map(str, _D.eval_topk)), "HitRate/NDCG cut-offs (<= topk).")
+flags.DEFINE_list("eval_topk", None, "HitRate/NDCG cut-offs (<= topk; default: those of "
+                  f"{','.join(map(str, job.DEFAULT_EVAL_TOPK))} that are <= topk, else topk).")
 flags.DEFINE_integer("ann_recall_users", _D.ann_recall_users,
                      "Users also searched exactly to measure ANN recall (non-flat indexes).")
 flags.DEFINE_integer("num_workers", _D.num_workers, "Shares of the users: processes of the default "
@@ -65,7 +66,7 @@ def main(argv):
   try:
     config = job.RetrievalConfig(**{
         field: getattr(FLAGS, field) for field in job.RetrievalConfig.__dataclass_fields__
-        if field != "eval_topk"}, eval_topk=cli.int_tuple(FLAGS.eval_topk, "eval_topk"))
+        if field != "eval_topk"}, eval_topk=cli.int_tuple(FLAGS.eval_topk or [], "eval_topk"))
     if FLAGS.engine == "ray":
       from retrieval import ray_engine  # pylint: disable=import-outside-toplevel
       result = ray_engine.run(config, FLAGS.ray_address, FLAGS.num_actors,

@@ -14,7 +14,7 @@ import pytest
 
 from contracts import locks
 from contracts import metrics
-from contracts.errors import DataError
+from contracts.errors import ConfigError, DataError
 from contracts.vocab import Vocabulary
 from retrieval import index as index_lib
 from retrieval import job
@@ -264,6 +264,14 @@ def retrieval_cli(*args):
     (["--index=ivf", "--nlist=100000"], "--nlist=100000 is larger than the item count"),
     (["--num_workers=2", "--worker_index=2"], "--worker_index=2 is out of range"),
     (["--eval_topk=10,50", "--topk=20"], "--eval_topk=10,50: each K must be in 1..--topk"),
+    # FAISS would divide by zero, abort (hnsw_m 0) or crash (hnsw_m 1).
+    (["--index=ivf_pq", "--pq_m=0"], "--pq_m=0: must be >= 1"),
+    (["--index=ivf_pq", "--pq_m=-16"], "--pq_m=-16: must be >= 1"),
+    (["--index=ivf_pq", "--pq_m=3"], "--pq_m=3 must divide the embedding size 16"),
+    (["--index=hnsw", "--hnsw_m=0"], "--hnsw_m=0: must be in 2..512"),
+    (["--index=hnsw", "--hnsw_m=1"], "--hnsw_m=1: must be in 2..512"),
+    (["--index=hnsw", "--ef_search=-1"], "--ef_search=-1: must be >= 0"),
+    (["--index=ivf", "--nprobe=-2"], "--nprobe=-2: must be >= 0"),
 ])
 def test_bad_flags_fail_before_work_with_one_line(tiny_data, tiny_export, tmp_path, extra, message):
   out = tmp_path / "out"
@@ -272,6 +280,28 @@ def test_bad_flags_fail_before_work_with_one_line(tiny_data, tiny_export, tmp_pa
   assert result.returncode == 2, result.stderr
   assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
   assert not out.exists()
+
+
+def test_eval_topk_defaults_to_the_cut_offs_within_topk():
+  def config(**kwargs):
+    return job.RetrievalConfig(data_dir="d", model_dir="m", output_dir="o", **kwargs)
+  assert config().eval_topk == (10, 20, 50)  # topk 100
+  assert config(topk=30).eval_topk == (10, 20)
+  assert config(topk=10).eval_topk == (10,)
+  assert config(topk=5).eval_topk == (5,)  # none of 10, 20, 50 fits: topk itself
+  config(topk=10).validate()
+  with pytest.raises(ConfigError, match="--eval_topk=50: each K must be in 1..--topk"):
+    config(topk=10, eval_topk=(50,)).validate()
+
+
+@pytest.mark.slow
+def test_topk_alone_below_the_default_cut_offs_runs(tiny_data, tiny_export, tmp_path):
+  result = retrieval_cli(f"--data_dir={tiny_data.data_dir}", f"--model_dir={tiny_export}",
+                         f"--output_dir={tmp_path / 'out'}", "--topk=10", "--eval_split=test")
+  assert result.returncode == 0, result.stderr
+  assert "HR@10" in result.stdout
+  metrics_written = json.loads((tmp_path / "out" / job.METRICS_FILE).read_text())
+  assert "hit_rate@10" in metrics_written and "hit_rate@20" not in metrics_written
 
 
 @pytest.mark.slow
