@@ -44,7 +44,8 @@ flags.DEFINE_integer("num_workers", _D.num_workers, "Shares of the users: proces
                      "engine (each runs one), or what --engine=ray hands to its actors.")
 flags.DEFINE_integer("worker_index", _D.worker_index, "This process's share (0-based).")
 flags.DEFINE_integer("threads", _D.threads, "FAISS OpenMP threads (0: FAISS default).")
-flags.DEFINE_boolean("overwrite", _D.overwrite, "Replace another job's output in --output_dir.")
+flags.DEFINE_boolean("overwrite", _D.overwrite, "Replace another retrieval job's output in "
+                     "--output_dir (only the files retrieval writes are deleted).")
 cli.define_engine_flags("this process runs share --worker_index of --num_workers",
                         "a Ray cluster runs every share")
 flags.DEFINE_integer("num_actors", 0, "--engine=ray: actors, each loading the tower and index "
