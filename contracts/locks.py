@@ -88,6 +88,12 @@ class LockFile:
       self._write_details()
     return True
 
+  def record_holder(self) -> None:
+    """Names this process in the file, as an exclusive take does; for a
+    shared holder, whose takers must be serialised (concurrent writers could
+    garble it), so that a refused job can name the one running."""
+    self._write_details()
+
   def remove(self) -> None:
     """Unlinks the lock file while holding it exclusively, then releases it."""
     with contextlib.suppress(FileNotFoundError):
@@ -109,9 +115,13 @@ class LockFile:
   def close(self) -> None:
     os.close(self._fd)  # closing the descriptor releases the flock
 
+  def holder(self) -> str:
+    """The last holder named in the file: pid, host, since when, command."""
+    return _holder(self.path)
+
   def locked_error(self) -> DirectoryLocked:
     return DirectoryLocked(f"{self.what} is in use by another {self.job} "
-                           f"({_holder(self.path)}); wait for it to finish or use another "
+                           f"({self.holder()}); wait for it to finish or use another "
                            "directory")
 
   def _write_details(self) -> None:

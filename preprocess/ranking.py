@@ -54,7 +54,8 @@ from absl import logging
 from contracts import histories
 from contracts import manifest as mf
 from contracts import sequences as sq
-from contracts.candidates import CANDIDATE_COLUMNS, CANDIDATES_DIR, JOB_FILE, SUCCESS_FILE
+from contracts.candidates import (CANDIDATE_COLUMNS, CANDIDATES_DIR, ITEM_COLUMN, JOB_FILE,
+                                  SUCCESS_FILE, item_column)
 from contracts.errors import ConfigError, DataError
 from contracts.export_manifest import EXPORT_DIR, data_fingerprint, load_info
 from contracts.fileio import (atomic_directory, check_replaceable, locked_output, output_errors,
@@ -149,16 +150,19 @@ def read_candidates(directory: Path | str, manifest: mf.Manifest, items: Vocabul
   parts = sorted((directory / CANDIDATES_DIR).glob("part-*.parquet"))
   if not parts:
     raise DataError(f"--candidates={directory}: no {CANDIDATES_DIR}/part-*.parquet")
+  # An output of an older retrieval names the item column otherwise: read under its name.
+  item_col = item_column(job, str(job_file))
+  columns = [item_col if c == ITEM_COLUMN else c for c in CANDIDATE_COLUMNS]
   tables = []
   for part in parts:
     try:
-      tables.append(pq.read_table(part, columns=list(CANDIDATE_COLUMNS)))
+      tables.append(pq.read_table(part, columns=columns))
     except (OSError, KeyError, ValueError) as e:
-      raise DataError(f"{part}: cannot read candidate columns {CANDIDATE_COLUMNS} ({e})") from e
+      raise DataError(f"{part}: cannot read candidate columns {', '.join(columns)} ({e})") from e
   raw_user = np.concatenate([t.column("user_id").to_numpy() for t in tables])
-  raw_item = np.concatenate([t.column("article_id").to_numpy() for t in tables])
+  raw_item = np.concatenate([t.column(item_col).to_numpy() for t in tables])
   user, item = users.lookup(raw_user).astype(np.int64), items.lookup(raw_item).astype(np.int64)
-  for name, index, raw in (("user_id", user, raw_user), ("article_id", item, raw_item)):
+  for name, index, raw in (("user_id", user, raw_user), (item_col, item, raw_item)):
     unknown = np.flatnonzero(index == 0)
     if len(unknown):
       raise DataError(f"--candidates={directory}: {name} {raw[unknown[0]]} (row "

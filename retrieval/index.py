@@ -29,6 +29,7 @@ from contracts.fileio import write_bytes_atomic, write_json_atomic
 
 INDEX_TYPES = ("flat", "ivf", "ivf_pq", "hnsw")
 MIN_POINTS_PER_LIST = 39
+MAX_PQ_NBITS = 16
 INDEX_FILE = "items.faiss"
 INDEX_INFO_FILE = "index_info.json"
 
@@ -59,9 +60,13 @@ class IndexSpec:
                         "items; using nlist=%d", nlist, MIN_POINTS_PER_LIST, num_vectors, cap)
         nlist = cap
       spec = dataclasses.replace(spec, nlist=nlist)
+    if self.kind == "hnsw" and self.hnsw_m < 2:  # FAISS aborts (0) or crashes (1)
+      raise ValueError(f"--hnsw_m={self.hnsw_m}: HNSW needs 2 or more neighbours per node")
     if self.kind == "ivf_pq":
-      if dim % self.pq_m:
+      if self.pq_m < 1 or dim % self.pq_m:
         raise ValueError(f"--pq_m={self.pq_m} must divide the embedding size {dim}")
+      if not 1 <= self.pq_nbits <= MAX_PQ_NBITS:
+        raise ValueError(f"ivf_pq: {self.pq_nbits}-bit codes, FAISS takes 1 to {MAX_PQ_NBITS}")
       # Each sub-quantiser is a k-means with 2^nbits centroids over the items.
       nbits = min(self.pq_nbits, int(math.log2(max(2, num_vectors // MIN_POINTS_PER_LIST))))
       if nbits < 1:

@@ -7,20 +7,19 @@
     index/index_info.json          what was built, from which export
     index/labels.parquet           string ids only: label (int64) -> item_id (raw string)
     candidates/part-WWWWW-of-NNNNN-BBBBBB.parquet
-                                   user_id, article_id (raw ids, int64 or string as in the
+                                   user_id, item_id (raw ids, int64 or string as in the
                                    data's vocabularies), recall_score (float32),
                                    recall_rank (1-based); one file per batch of users
     _SUCCESS-WWWWW-of-NNNNN.json   worker W finished: its counts and metric sums
     _SUCCESS, metrics.json         written once every worker has finished
 
-Concurrency: every worker of a job holds output_dir/.lock shared for its
-run, and its own share's lock (.lock-part-WWWWW-of-NNNNN) exclusively, so one
-share never runs twice at once. job.json is created once, complete, by a
-hard link (O_EXCL semantics): of jobs with other flags started together one
-wins, the others read its job.json and refuse. Replacing another job's output
-(--overwrite) takes .lock exclusively, which only succeeds while no worker
-of any job runs there. The first worker builds the index under .lock-index;
-the others wait for it and load it.
+Concurrency: claiming the output (retrieval/output.py: which entries are
+the job's own, refusing any other directory, --overwrite) leaves every
+worker of a job holding output_dir/.lock shared for its run; it also holds
+its own share's lock (.lock-part-WWWWW-of-NNNNN) exclusively, so one share
+never runs twice at once. Of jobs with other flags started together one
+wins, the others refuse, naming the running one. The first worker builds
+the index under .lock-index; the others wait for it and load it.
 
 Users are the rows of user_histories.parquet; worker W of N takes the
 contiguous slice [n W / N, n (W + 1) / N) and cuts it into batches, so part
@@ -41,9 +40,6 @@ indexes the overlap of the top-K with an exact search for a sample of users
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,23 +53,32 @@ from contracts import histories
 from contracts import locks
 from contracts import manifest as mf
 from contracts import metrics
-from contracts.candidates import (CANDIDATES_DIR, INDEX_DIR, JOB_FILE, LABELS_FILE, METRICS_FILE,
-                                  SUCCESS_FILE, candidate_schema)
+from contracts.candidates import (CANDIDATES_DIR, CANDIDATES_VERSION, INDEX_DIR, ITEM_COLUMN,
+                                  JOB_FILE, LABELS_FILE, METRICS_FILE, SUCCESS_FILE, VERSION_KEY,
+                                  candidate_schema)
 from contracts.errors import ConfigError, DataError
 from contracts.export_manifest import EXPORT_DIR, ExportInfo
 from contracts.fileio import sha256_file, write_json_atomic, write_parquet_atomic
 from contracts.vocab import Vocabulary
 from retrieval import index as index_lib
+from retrieval import output as output_lib
 from retrieval import search as search_lib
 from retrieval import user_tower as tower_lib
 
 STATS_KEY = b"retrieval_stats"
 EVAL_NONE = "none"
-SHARE_LOCK_PREFIX = ".lock-"
-INDEX_LOCK = ".lock-index"
-# How long a worker waits for another job's exclusive hold (replacing its
-# output: deletions only) before it reports the directory as busy.
-CLAIM_WAIT_SECONDS = 60.0
+SHARE_LOCK_PREFIX = output_lib.SHARE_LOCK_PREFIX
+part_prefix, part_name, success_name = (output_lib.part_prefix, output_lib.part_name,
+                                        output_lib.success_name)
+# --eval_topk's default: those of these cut-offs that are <= --topk (--topk itself when none is).
+DEFAULT_EVAL_TOPK = (10, 20, 50)
+# FAISS HNSW needs 2 neighbours per node or more (0 aborts, 1 crashes); past a
+# few hundred the graph costs memory (8 M bytes per item at level 0) for nothing.
+HNSW_M_RANGE = (2, 512)
+
+
+def default_eval_topk(topk: int) -> tuple[int, ...]:
+  return tuple(k for k in DEFAULT_EVAL_TOPK if k <= topk) or (topk,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +96,7 @@ class RetrievalConfig:
   batch_size: int = 8192
   exclude_seen: bool = True
   eval_split: str = mf.VALID
-  eval_topk: tuple[int, ...] = (10, 20, 50)
+  eval_topk: tuple[int, ...] = ()  # (): default_eval_topk(topk)
   ann_recall_users: int = 2000
   num_workers: int = 1
   worker_index: int = 0
@@ -102,6 +107,10 @@ class RetrievalConfig:
   SHARED = ("index", "nlist", "nprobe", "pq_m", "hnsw_m", "ef_search", "topk", "batch_size",
             "exclude_seen", "eval_split", "eval_topk", "ann_recall_users", "num_workers")
 
+  def __post_init__(self):
+    if not self.eval_topk:
+      object.__setattr__(self, "eval_topk", default_eval_topk(self.topk))
+
   def validate(self) -> None:
     if self.index not in index_lib.INDEX_TYPES:
       raise ConfigError(f"--index={self.index}: expected one of {', '.join(index_lib.INDEX_TYPES)}")
@@ -111,6 +120,12 @@ class RetrievalConfig:
     for name in ("nlist", "nprobe", "ef_search", "threads", "ann_recall_users"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")
+    if self.pq_m < 1:
+      raise ConfigError(f"--pq_m={self.pq_m}: must be >= 1 (and divide the embedding size)")
+    low, high = HNSW_M_RANGE
+    if not low <= self.hnsw_m <= high:
+      raise ConfigError(f"--hnsw_m={self.hnsw_m}: must be in {low}..{high} (neighbours per "
+                        "node; 16 to 64 is usual)")
     if not 0 <= self.worker_index < self.num_workers:
       raise ConfigError(f"--worker_index={self.worker_index} is out of range for "
                         f"--num_workers={self.num_workers}")
@@ -156,18 +171,6 @@ def plan(config: RetrievalConfig) -> Plan:
   return Plan(manifest, info, query_split, histories.num_users(manifest), spec)
 
 
-def part_prefix(worker: int, num_workers: int) -> str:
-  return f"part-{worker:05d}-of-{num_workers:05d}"
-
-
-def part_name(worker: int, num_workers: int, batch: int) -> str:
-  return f"{part_prefix(worker, num_workers)}-{batch:06d}.parquet"
-
-
-def success_name(worker: int, num_workers: int) -> str:
-  return f"{SUCCESS_FILE}-{worker:05d}-of-{num_workers:05d}.json"
-
-
 def share_range(num_users: int, worker: int, num_workers: int) -> tuple[int, int]:
   """Share `worker` of `num_workers`: users [n W / N, n (W + 1) / N)."""
   return num_users * worker // num_workers, num_users * (worker + 1) // num_workers
@@ -196,21 +199,24 @@ class OpenedJob:
     self.lock.close()
 
 
+def preflight(config: RetrievalConfig) -> Plan:
+  """Every check that needs no lock, creating nothing: the flags against the
+  data and the model, and --output_dir (holds no input; absent, empty or a
+  retrieval output)."""
+  p = plan(config)
+  output_lib.check_output_dir(Path(config.output_dir),
+                              inputs=(config.data_dir, config.model_dir))
+  return p
+
+
 def open_job(config: RetrievalConfig) -> OpenedJob:
   """Validates the flags and claims the output for the life of the returned job."""
-  p = plan(config)
+  p = preflight(config)
   out = Path(config.output_dir)
-  if out.exists() and not out.is_dir():
-    raise DataError(f"--output_dir={out}: exists and is not a directory")
   model = _model_identity(config, p)
-  stamp = {**config.shared(), **model, "spec": dataclasses.asdict(p.spec)}
-  job_lock = locks.LockFile(out / locks.LOCK_FILE, "retrieval job", out)
-  try:
-    _claim_output(out, stamp, config.overwrite, job_lock)
-  except BaseException:
-    job_lock.close()
-    raise
-  return OpenedJob(p, out, model, job_lock)
+  stamp = {VERSION_KEY: CANDIDATES_VERSION, **config.shared(), **model,
+           "spec": dataclasses.asdict(p.spec)}
+  return OpenedJob(p, out, model, output_lib.claim(out, stamp, config.overwrite))
 
 
 class ShareRunner:
@@ -336,7 +342,7 @@ def _write_part(path: Path, queries, result, users, items, stats) -> None:
   schema = candidate_schema(users.arrow_type, items.arrow_type)
   table = pa.table({
       "user_id": users.to_arrow(queries.user[row]),
-      "article_id": items.to_arrow(result.items[mask]),
+      ITEM_COLUMN: items.to_arrow(result.items[mask]),
       "recall_score": pa.array(result.scores[mask], pa.float32()),
       "recall_rank": pa.array(np.nonzero(mask)[1].astype(np.int32) + 1, pa.int32()),
   }, schema=schema.with_metadata({STATS_KEY: json.dumps(stats).encode()}))
@@ -351,95 +357,6 @@ def _read_stats(path: Path) -> dict:
     raise DataError(f"{path}: not a candidate part of this job ({e}); delete it to redo it") from e
 
 
-_UNREADABLE = "unreadable"
-
-
-def _read_job(job: Path) -> dict | None:
-  """job.json's stamp; None when absent. A file that does not parse is a
-  damaged output: refused, or replaced with --overwrite."""
-  try:
-    stamp = json.loads(job.read_text())
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError) as e:
-    return {_UNREADABLE: str(e)}
-  return stamp if isinstance(stamp, dict) else {_UNREADABLE: "not a JSON object"}
-
-
-def _create_once(path: Path, obj: dict) -> bool:
-  """Creates `path` complete with `obj`, only if it does not exist (a hard link
-  of a written temporary: atomic, and never a half-written file)."""
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(json.dumps(obj, indent=2) + "\n")
-    os.chmod(tmp, 0o644)
-    try:
-      os.link(tmp, path)
-    except FileExistsError:
-      return False
-    return True
-  finally:
-    os.unlink(tmp)
-
-
-def _foreign_names(out: Path) -> list[str]:
-  """What is in `out` that no retrieval job wrote (its lock files excepted)."""
-  return sorted(p.name for p in out.iterdir() if not p.name.startswith(locks.LOCK_FILE))
-
-
-def _clear(out: Path) -> None:
-  for name in (INDEX_DIR, CANDIDATES_DIR):
-    shutil.rmtree(out / name, ignore_errors=True)
-  for marker in out.glob(f"{SUCCESS_FILE}*"):
-    marker.unlink()
-  (out / METRICS_FILE).unlink(missing_ok=True)
-
-
-def _claim_output(out: Path, stamp: dict, overwrite: bool, lock: locks.LockFile) -> None:
-  """Returns holding `lock` shared, with job.json equal to `stamp`: created by
-  this worker, or by another worker of the same job, or a re-run's."""
-  job = out / JOB_FILE
-  deadline = time.monotonic() + CLAIM_WAIT_SECONDS
-  while True:
-    if lock.try_take(shared=True):
-      previous = _read_job(job)
-      if previous == stamp:
-        return
-      if previous is None:
-        foreign = _foreign_names(out)
-        if foreign and not overwrite:
-          raise ConfigError(f"{out}: exists, is not empty and is not a retrieval output (holds "
-                            f"{', '.join(foreign[:5])}); pass --overwrite or choose another "
-                            "--output_dir")
-        if _create_once(job, stamp):
-          return
-        continue  # another worker or job created it meanwhile: compare with it
-      if not overwrite and _UNREADABLE in previous:
-        raise DataError(f"{job}: unreadable ({previous[_UNREADABLE]}); pass --overwrite to "
-                        "replace this output, or delete it")
-      if not overwrite:
-        changed = sorted(k for k in set(stamp) | set(previous)
-                         if stamp.get(k) != previous.get(k))
-        raise ConfigError(f"{out}: holds output of a different retrieval job (differs in "
-                          f"{', '.join(changed)}); pass --overwrite to replace it")
-      lock.release()
-    if lock.try_take(shared=False):  # replace another job's output: no worker of any job runs
-      previous = _read_job(job)
-      if previous != stamp:
-        if previous is not None and not overwrite:
-          lock.release()
-          continue
-        _clear(out)
-        write_json_atomic(job, stamp)
-        logging.info("%s: replaced the output of another retrieval job (--overwrite)", out)
-      lock.release()
-      continue  # back to shared, and check again: another job may have come between
-    if time.monotonic() > deadline:
-      raise lock.locked_error()
-    time.sleep(0.2)
-
-
 def _index(config: RetrievalConfig, p: Plan, out: Path, items: Vocabulary, model: dict):
   """The job's index (loaded when a previous run or another worker saved it);
   for ANN kinds an exact Flat index for the recall measurement, for small
@@ -451,7 +368,7 @@ def _index(config: RetrievalConfig, p: Plan, out: Path, items: Vocabulary, model
           "metric": "inner product of L2-normalised vectors"}
   directory = out / INDEX_DIR
   # One worker builds, the others wait and load it: every share searches the same index.
-  index_lock = locks.LockFile(out / INDEX_LOCK, "retrieval worker", out)
+  index_lock = locks.LockFile(out / output_lib.INDEX_LOCK, "retrieval worker", out)
   try:
     index_lock.wait()
     if (directory / index_lib.INDEX_INFO_FILE).exists():

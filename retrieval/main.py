@@ -36,14 +36,16 @@ flags.DEFINE_boolean("exclude_seen", _D.exclude_seen, "Remove each user's clicke
 flags.DEFINE_enum("eval_split", _D.eval_split, ["valid", "test", job.EVAL_NONE],
                   "Query histories and targets: valid = training clicks (the notebooks' "
                   "export), test = + the validation click, none = every click, no metrics.")
-flags.DEFINE_list("eval_topk", list(map(str, _D.eval_topk)), "HitRate/NDCG cut-offs (<= topk).")
+flags.DEFINE_list("eval_topk", None, "HitRate/NDCG cut-offs (<= topk; default: those of "
+                  f"{','.join(map(str, job.DEFAULT_EVAL_TOPK))} that are <= topk, else topk).")
 flags.DEFINE_integer("ann_recall_users", _D.ann_recall_users,
                      "Users also searched exactly to measure ANN recall (non-flat indexes).")
 flags.DEFINE_integer("num_workers", _D.num_workers, "Shares of the users: processes of the default "
                      "engine (each runs one), or what --engine=ray hands to its actors.")
 flags.DEFINE_integer("worker_index", _D.worker_index, "This process's share (0-based).")
 flags.DEFINE_integer("threads", _D.threads, "FAISS OpenMP threads (0: FAISS default).")
-flags.DEFINE_boolean("overwrite", _D.overwrite, "Replace another job's output in --output_dir.")
+flags.DEFINE_boolean("overwrite", _D.overwrite, "Replace another retrieval job's output in "
+                     "--output_dir (only the files retrieval writes are deleted).")
 cli.define_engine_flags("this process runs share --worker_index of --num_workers",
                         "a Ray cluster runs every share")
 flags.DEFINE_integer("num_actors", 0, "--engine=ray: actors, each loading the tower and index "
@@ -65,7 +67,7 @@ def main(argv):
   try:
     config = job.RetrievalConfig(**{
         field: getattr(FLAGS, field) for field in job.RetrievalConfig.__dataclass_fields__
-        if field != "eval_topk"}, eval_topk=cli.int_tuple(FLAGS.eval_topk, "eval_topk"))
+        if field != "eval_topk"}, eval_topk=cli.int_tuple(FLAGS.eval_topk or [], "eval_topk"))
     if FLAGS.engine == "ray":
       from retrieval import ray_engine  # pylint: disable=import-outside-toplevel
       result = ray_engine.run(config, FLAGS.ray_address, FLAGS.num_actors,

@@ -6,8 +6,9 @@ metrics are the same as N hand-started workers would write. The shares are
 a Ray Dataset; `map_batches` hands them, one at a time, to a pool of actors,
 each of which claims the job's output, loads the user tower and the FAISS
 index once (`job.ShareRunner`) and runs `run_share` for every share it is
-given. The driver claims the output first (so --overwrite happens once),
-and writes metrics.json and _SUCCESS when every share's marker is there.
+given. The driver checks the flags and --output_dir before Ray starts,
+claims the output first (so --overwrite happens once), and writes
+metrics.json and _SUCCESS when every share's marker is there.
 
 Failures: a part is renamed into place complete and a share skips its parts
 that exist, so when Ray restarts a dead actor and retries its share, or
@@ -63,6 +64,7 @@ def run(config: job.RetrievalConfig, ray_address: str = "", num_actors: int = 0,
     raise ConfigError(f"--worker_index={config.worker_index}: --engine=ray runs every share "
                       "itself; leave it at 0")
   ray = import_ray()
+  job.preflight(config)  # a bad flag or --output_dir is refused before Ray starts
   if not ray.is_initialized():
     ray.init(address=ray_address or None, include_dashboard=False, log_to_driver=False)
   with job.open_job(config) as opened:  # validates, and replaces with --overwrite once

@@ -74,7 +74,7 @@ def test_dien_trains_evaluates_reranks_and_exports(tiny_ranking, tmp_path):
   # The reranked lists: every eval candidate once, ranks 1..n per user by rank_score.
   reranked = pd.read_parquet(model_dir / ranking_eval.RERANKED_FILE)
   assert len(reranked) == tiny_ranking.counts["examples_eval"]
-  assert not reranked.duplicated(["user_id", "article_id"]).any()
+  assert not reranked.duplicated(["user_id", "item_id"]).any()
   for _, group in list(reranked.groupby("user_id"))[:20]:
     assert group["rank"].tolist() == list(range(1, len(group) + 1))
     assert (np.diff(group["rank_score"].to_numpy()) <= 0).all()
@@ -92,7 +92,7 @@ def test_dien_trains_evaluates_reranks_and_exports(tiny_ranking, tmp_path):
   out = served.signatures["serving_default"](
       user=tf.cast(batch["user"], tf.int64), history=tf.cast(batch["history"], tf.int64),
       candidate=tf.cast(batch["candidate"], tf.int64), dense=batch["dense"])
-  rows = reranked.set_index(["user_id", "article_id"])
+  rows = reranked.set_index(["user_id", "item_id"])
   users = Vocabulary.from_parquet(tiny_ranking.path(mf.USERS_FILE), "user_id")
   items = Vocabulary.from_parquet(tiny_ranking.path(mf.ITEMS_FILE), "item_id")
   keys = list(zip(users.to_raw(batch["user"].numpy()), items.to_raw(batch["candidate"].numpy())))

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
+from contracts import candidates as cands_contract
 from contracts import manifest as mf
 from contracts.errors import ConfigError, DataError
 from contracts.vocab import Vocabulary
@@ -41,18 +42,22 @@ def write_log(directory: Path, clicks=CLICKS) -> Path:
   return directory
 
 
-def fake_retrieval(directory: Path, data: mf.Manifest, split: str, rows) -> Path:
-  """A finished retrieval job output with the given (user, article, score, rank) rows."""
+def fake_retrieval(directory: Path, data: mf.Manifest, split: str, rows,
+                   version: int = cands_contract.CANDIDATES_VERSION,
+                   item_column: str = cands_contract.ITEM_COLUMN) -> Path:
+  """A finished retrieval job output with the given (user, article, score, rank)
+  rows; `version` 1 is an older retrieval's (no version key in job.json)."""
   (directory / "candidates").mkdir(parents=True)
   user, article, score, rank = zip(*rows)
   pq.write_table(pa.table({"user_id": pa.array(user, pa.int64()),
-                           "article_id": pa.array(article, pa.int64()),
+                           item_column: pa.array(article, pa.int64()),
                            "recall_score": pa.array(score, pa.float32()),
                            "recall_rank": pa.array(rank, pa.int32())}),
                  directory / "candidates" / "part-00000-of-00001-000000.parquet")
+  versioned = {cands_contract.VERSION_KEY: version} if version != 1 else {}
   (directory / "job.json").write_text(json.dumps({
-      "eval_split": split, "data_fingerprint": data_fingerprint(data), "model_dir": "",
-      "item_embeddings_sha256": "same-model"}))
+      **versioned, "eval_split": split, "data_fingerprint": data_fingerprint(data),
+      "model_dir": "", "item_embeddings_sha256": "same-model"}))
   (directory / "_SUCCESS").write_text("{}")
   return directory
 
@@ -264,7 +269,7 @@ def test_bad_inputs_are_named(tmp_path):
     run([valid, other])
   # An article the vocabulary does not know.
   unknown = fake_retrieval(tmp_path / "u", data, mf.TEST, TEST_ROWS + [(1, 999, 0.1, 3)])
-  with pytest.raises(DataError, match="article_id 999"):
+  with pytest.raises(DataError, match="item_id 999"):
     run([valid, unknown])
   with pytest.raises(DataError, match="missing"):
     run([valid, test], item_embeddings=str(tmp_path / "nowhere.npy"))
@@ -277,3 +282,26 @@ def test_bad_inputs_are_named(tmp_path):
     run([no_hit, test])
   assert not (tmp_path / "out").exists()  # nothing half-written
   assert run([valid, test]).counts["examples_eval"] == len(TEST_ROWS)
+
+
+def test_an_older_retrievals_article_id_column_reads_as_item_id(tmp_path):
+  data = pipeline.run(make_config(write_log(tmp_path / "raw"), tmp_path / "data",
+                                  holdout="valid_test", max_seq_len=4))
+  items = Vocabulary.from_parquet(data.path(mf.ITEMS_FILE), "item_id")
+  users = Vocabulary.from_parquet(data.path(mf.USERS_FILE), "user_id")
+  current = ranking.read_candidates(fake_retrieval(tmp_path / "v2", data, mf.TEST, TEST_ROWS),
+                                    data, items, users)
+  # Version 1: no candidates_version in job.json, the item column named article_id.
+  older = ranking.read_candidates(fake_retrieval(tmp_path / "v1", data, mf.TEST, TEST_ROWS,
+                                                 version=1, item_column="article_id"),
+                                  data, items, users)
+  np.testing.assert_array_equal(older.item, current.item)
+  np.testing.assert_array_equal(older.user, current.user)
+  assert items.to_raw(current.item).tolist() == [13, 10, 13, 12]  # TEST_ROWS' articles
+  # A current job.json over parts with the old name, and a version this code does not know.
+  mixed = fake_retrieval(tmp_path / "mixed", data, mf.TEST, TEST_ROWS, item_column="article_id")
+  with pytest.raises(DataError, match="cannot read candidate columns user_id, item_id"):
+    ranking.read_candidates(mixed, data, items, users)
+  newer = fake_retrieval(tmp_path / "v3", data, mf.TEST, TEST_ROWS, version=3)
+  with pytest.raises(DataError, match="candidates_version 3, .*written by a newer retrieval"):
+    ranking.read_candidates(newer, data, items, users)

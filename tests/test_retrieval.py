@@ -2,9 +2,13 @@
 
 import dataclasses
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import faiss
 import numpy as np
@@ -14,10 +18,11 @@ import pytest
 
 from contracts import locks
 from contracts import metrics
-from contracts.errors import DataError
+from contracts.errors import ConfigError, DataError
 from contracts.vocab import Vocabulary
 from retrieval import index as index_lib
 from retrieval import job
+from retrieval import output as output_lib
 from retrieval import search as search_lib
 
 
@@ -183,7 +188,7 @@ def test_flat_job_metrics_equal_the_trainers_full_ranking(tiny_data, tiny_export
   ranks = cands.groupby("user_id").recall_rank.apply(list)
   assert (ranks.apply(lambda r: r == list(range(1, 21)))).all()
   assert cands.recall_score.dtype == np.float32
-  assert not cands.duplicated(["user_id", "article_id"]).any()
+  assert not cands.duplicated(["user_id", "item_id"]).any()
   assert (tmp_path / "out" / job.SUCCESS_FILE).exists()
 
 
@@ -264,6 +269,14 @@ def retrieval_cli(*args):
     (["--index=ivf", "--nlist=100000"], "--nlist=100000 is larger than the item count"),
     (["--num_workers=2", "--worker_index=2"], "--worker_index=2 is out of range"),
     (["--eval_topk=10,50", "--topk=20"], "--eval_topk=10,50: each K must be in 1..--topk"),
+    # FAISS would divide by zero, abort (hnsw_m 0) or crash (hnsw_m 1).
+    (["--index=ivf_pq", "--pq_m=0"], "--pq_m=0: must be >= 1"),
+    (["--index=ivf_pq", "--pq_m=-16"], "--pq_m=-16: must be >= 1"),
+    (["--index=ivf_pq", "--pq_m=3"], "--pq_m=3 must divide the embedding size 16"),
+    (["--index=hnsw", "--hnsw_m=0"], "--hnsw_m=0: must be in 2..512"),
+    (["--index=hnsw", "--hnsw_m=1"], "--hnsw_m=1: must be in 2..512"),
+    (["--index=hnsw", "--ef_search=-1"], "--ef_search=-1: must be >= 0"),
+    (["--index=ivf", "--nprobe=-2"], "--nprobe=-2: must be >= 0"),
 ])
 def test_bad_flags_fail_before_work_with_one_line(tiny_data, tiny_export, tmp_path, extra, message):
   out = tmp_path / "out"
@@ -308,8 +321,9 @@ def test_two_jobs_with_other_flags_started_together_one_wins(tiny_data, tiny_exp
   procs = [_start_cli(tiny_data, tiny_export, out, f"--topk={k}") for k in (20, 30)]
   results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
   codes = sorted(rc for rc, _, _ in results)
-  assert codes == [0, 2], results
-  _, _, stderr = next(r for r in results if r[0] == 2)
+  # The loser is refused while the winner runs (1, naming it) or after it (2).
+  assert codes in ([0, 1], [0, 2]), results
+  _, _, stderr = next(r for r in results if r[0] != 0)
   assert "holds output of a different retrieval job (differs in topk" in stderr
   assert len(stderr.strip().splitlines()) == 1
   # The output is the winner's alone: every user has the job's topk rows.
@@ -342,22 +356,166 @@ def test_a_share_that_is_running_is_not_run_twice(tiny_data, tiny_export, tmp_pa
 
 
 @pytest.mark.slow
-def test_overwrite_is_refused_while_a_worker_of_the_other_job_runs(tiny_data, tiny_export,
-                                                                  tmp_path, monkeypatch):
+def test_overwrite_is_refused_at_once_naming_the_running_job(tiny_data, tiny_export, tmp_path):
   out = tmp_path / "out"
   job.run(job_config(tiny_data, tiny_export, out))
   before = read_candidates(out)
-  monkeypatch.setattr(job, "CLAIM_WAIT_SECONDS", 0.5)
-  running = locks.LockFile(out / locks.LOCK_FILE, "test", out)
+  running = job.open_job(job_config(tiny_data, tiny_export, out))  # a worker, still running
   try:
-    running.take(shared=True)  # a worker of the first job, still running
-    with pytest.raises(locks.DirectoryLocked, match=f"{out} is in use by another retrieval job"):
-      job.run(job_config(tiny_data, tiny_export, out, topk=10, overwrite=True))
+    for overwrite in (True, False):
+      started = time.monotonic()
+      with pytest.raises(locks.DirectoryLocked,
+                         match=rf"{out}: holds output of a different retrieval job \(differs in "
+                               rf"topk\), which is running there \(pid {os.getpid()} on "):
+        job.run(job_config(tiny_data, tiny_export, out, topk=10, overwrite=overwrite))
+      assert time.monotonic() - started < 10  # refused, not waited for
   finally:
-    running.close()
+    running.lock.close()
   pd.testing.assert_frame_equal(read_candidates(out), before)
   result = job.run(job_config(tiny_data, tiny_export, out, topk=10, overwrite=True))
   assert result["candidates"] == result["users"] * 10
+
+
+def test_a_claim_in_progress_is_waited_for_with_its_holder_named(tiny_data, tiny_export,
+                                                                 tmp_path, caplog):
+  out = tmp_path / "out"
+  claiming = locks.LockFile(out / output_lib.CLAIM_LOCK, "test", out)
+  claiming.take()  # another job claiming (or replacing) the output, for one second
+  release = threading.Timer(1.0, claiming.close)
+  release.start()
+  try:
+    with caplog.at_level(logging.INFO, logger="absl"):
+      assert job.run(job_config(tiny_data, tiny_export, out))["users"] > 0
+  finally:
+    release.join()
+  assert f"{out}: waiting for pid {os.getpid()} on " in caplog.text
+
+
+def tree(root):
+  """Every file and folder under `root`: relative path -> bytes (None for a folder)."""
+  return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes())
+          for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.slow
+def test_a_trainer_model_dir_as_output_is_refused_and_left_as_it_was(tiny_data, tiny_export,
+                                                                    tmp_path):
+  other_model = tmp_path / "other_model"
+  shutil.copytree(tiny_export, other_model)
+  for out in (tiny_export, other_model):
+    before = tree(out)
+    assert "metrics.json" in before and "export/export_manifest.json" in before
+    for overwrite in (False, True):
+      with pytest.raises(DataError) as refused:
+        job.run(job_config(tiny_data, tiny_export, out, overwrite=overwrite))
+      assert tree(out) == before  # not a byte written, not a file added (no lock either)
+    if out == tiny_export:
+      assert f"holds the input {tiny_export}" in str(refused.value)
+    else:
+      assert "not a retrieval output: holds checkpoints" in str(refused.value)
+  # Through the binary: one line, exit 1.
+  result = retrieval_cli(f"--data_dir={tiny_data.data_dir}", f"--model_dir={tiny_export}",
+                         f"--output_dir={other_model}", "--overwrite", "--topk=20")
+  assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert "which retrieval never writes" in result.stderr
+  assert tree(other_model) == before
+
+
+def test_a_folder_of_the_users_or_above_the_inputs_is_refused(tiny_data, tiny_export, tmp_path):
+  folder = tmp_path / "mine"
+  folder.mkdir()
+  (folder / "notes.txt").write_text("keep me")
+  for overwrite in (False, True):
+    with pytest.raises(DataError, match=r"mine: not a retrieval output: holds notes.txt, which "
+                                        "retrieval never writes"):
+      job.run(job_config(tiny_data, tiny_export, folder, overwrite=overwrite))
+  assert tree(folder) == {"notes.txt": b"keep me"}
+  # The data directory, or a folder holding it or the model: replacing would delete them.
+  for out in (tiny_data.data_dir, tiny_data.data_dir.parent, tiny_export.parent):
+    before = tree(out)
+    with pytest.raises(DataError, match="holds the input"):
+      job.run(job_config(tiny_data, tiny_export, out, overwrite=True))
+    assert tree(out) == before
+
+
+@pytest.mark.slow
+def test_overwrite_deletes_only_what_retrieval_wrote(tiny_data, tiny_export, tmp_path):
+  out = tmp_path / "out"
+  job.run(job_config(tiny_data, tiny_export, out))
+  parts = sorted(p.name for p in (out / job.CANDIDATES_DIR).iterdir())
+  # A file of the user's among the parts: --overwrite would delete it; refused
+  # (and a re-run of the same job too: the directory is no longer only a retrieval output).
+  (out / job.CANDIDATES_DIR / "notes.txt").write_text("keep me")
+  for overwrite in (True, False):
+    with pytest.raises(DataError, match=r"holds candidates/notes.txt, which retrieval never "):
+      job.run(job_config(tiny_data, tiny_export, out, topk=10, overwrite=overwrite))
+  assert sorted(p.name for p in (out / job.CANDIDATES_DIR).iterdir()) == sorted(parts + ["notes.txt"])
+  (out / job.CANDIDATES_DIR / "notes.txt").unlink()
+  result = job.run(job_config(tiny_data, tiny_export, out, topk=10, overwrite=True))
+  assert result["candidates"] == result["users"] * 10
+  assert json.loads((out / job.JOB_FILE).read_text())["topk"] == 10
+  assert set(read_candidates(out).groupby("user_id").size()) == {10}
+
+
+def test_a_job_that_failed_building_its_index_does_not_hold_the_output(
+    tiny_data, tiny_export, tmp_path, monkeypatch):
+  out = tmp_path / "out"
+
+  def build_fails(*args, **kwargs):
+    raise RuntimeError("killed while training the quantiser")
+
+  with monkeypatch.context() as m:
+    m.setattr(index_lib, "build", build_fails)
+    with pytest.raises(RuntimeError, match="killed while"):
+      job.run(job_config(tiny_data, tiny_export, out, index="ivf"))
+  assert json.loads((out / job.JOB_FILE).read_text())["index"] == "ivf"  # claimed, no result
+  # The corrected command takes the output over without --overwrite...
+  result = job.run(job_config(tiny_data, tiny_export, out, index="hnsw"))
+  assert result["index"] == "hnsw"
+  # ...but once a job has results, another is refused without --overwrite.
+  with pytest.raises(ConfigError, match="differs in index, spec"):
+    job.run(job_config(tiny_data, tiny_export, out))
+
+
+def test_eval_topk_defaults_to_the_cut_offs_within_topk():
+  def config(**kwargs):
+    return job.RetrievalConfig(data_dir="d", model_dir="m", output_dir="o", **kwargs)
+  assert config().eval_topk == (10, 20, 50)  # topk 100
+  assert config(topk=30).eval_topk == (10, 20)
+  assert config(topk=10).eval_topk == (10,)
+  assert config(topk=5).eval_topk == (5,)  # none of 10, 20, 50 fits: topk itself
+  config(topk=10).validate()
+  with pytest.raises(ConfigError, match="--eval_topk=50: each K must be in 1..--topk"):
+    config(topk=10, eval_topk=(50,)).validate()
+
+
+@pytest.mark.slow
+def test_topk_alone_below_the_default_cut_offs_runs(tiny_data, tiny_export, tmp_path):
+  result = retrieval_cli(f"--data_dir={tiny_data.data_dir}", f"--model_dir={tiny_export}",
+                         f"--output_dir={tmp_path / 'out'}", "--topk=10", "--eval_split=test")
+  assert result.returncode == 0, result.stderr
+  assert "HR@10" in result.stdout
+  metrics_written = json.loads((tmp_path / "out" / job.METRICS_FILE).read_text())
+  assert "hit_rate@10" in metrics_written and "hit_rate@20" not in metrics_written
+
+
+def test_the_ray_engine_checks_the_output_before_ray_starts(tiny_data, tiny_export, tmp_path,
+                                                            monkeypatch):
+  from retrieval import ray_engine
+
+  class RayMustNotStart:
+    def __getattr__(self, name):
+      raise AssertionError(f"ray.{name} used before the flags and output were checked")
+
+  monkeypatch.setattr(ray_engine, "import_ray", RayMustNotStart)
+  folder = tmp_path / "mine"
+  folder.mkdir()
+  (folder / "notes.txt").write_text("keep me")
+  with pytest.raises(DataError, match="not a retrieval output"):
+    ray_engine.run(job_config(tiny_data, tiny_export, folder, overwrite=True))
+  with pytest.raises(ConfigError, match="--hnsw_m=0"):
+    ray_engine.run(job_config(tiny_data, tiny_export, tmp_path / "out", index="hnsw", hnsw_m=0))
+  assert tree(folder) == {"notes.txt": b"keep me"} and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -86,9 +86,9 @@ def test_retrieval_and_ranking_data_write_the_raw_strings(string_log, string_dat
     assert result["users"] > 0
     lists[split] = pd.read_parquet(tmp_path / split / job.CANDIDATES_DIR)
     schema = pq.read_schema(next((tmp_path / split / job.CANDIDATES_DIR).glob("part-*")))
-    assert schema.field("user_id").type == schema.field("article_id").type == pa.string()
+    assert schema.field("user_id").type == schema.field("item_id").type == pa.string()
     assert set(lists[split].user_id) <= set(log.user)
-    assert set(lists[split].article_id) <= set(log.item)
+    assert set(lists[split].item_id) <= set(log.item)
   # The test split's IVF index labels are item indices (the ids are strings).
   info = json.loads((tmp_path / "test" / "index" / "index_info.json").read_text())
   assert info["labels"] == "item index"
@@ -114,14 +114,14 @@ def test_retrieval_and_ranking_data_write_the_raw_strings(string_log, string_dat
                                        rank_eval_topk=(5, 10), train_steps=2), data)
   reranked = pd.read_parquet(dien_dir / ranking_eval.RERANKED_FILE)
   schema = pq.read_schema(dien_dir / ranking_eval.RERANKED_FILE)
-  assert schema.field("user_id").type == schema.field("article_id").type == pa.string()
+  assert schema.field("user_id").type == schema.field("item_id").type == pa.string()
   assert set(reranked.user_id) <= set(log.user)
-  assert set(reranked.article_id) <= set(log.item)
+  assert set(reranked.item_id) <= set(log.item)
   # The reranked lists hold the retrieval lists' (user, item) pairs.
-  pairs = set(zip(lists["test"].user_id, lists["test"].article_id)) | set(
+  pairs = set(zip(lists["test"].user_id, lists["test"].item_id)) | set(
       zip(*pd.read_parquet(tmp_path / "flat_test" / job.CANDIDATES_DIR)[
-          ["user_id", "article_id"]].values.T))
-  assert set(zip(reranked.user_id, reranked.article_id)) <= pairs
+          ["user_id", "item_id"]].values.T))
+  assert set(zip(reranked.user_id, reranked.item_id)) <= pairs
 
 
 def _raw_signature_matches_the_index_signature(model_dir, data):

@@ -7,7 +7,7 @@ same list metrics of the retrieval order (`recall_rank`) on the same users.
 The final evaluation also writes the reranked lists:
 
   model_dir/reranked_candidates.parquet
-      user_id, article_id (raw ids), rank_score (float32 click probability),
+      user_id, item_id (raw ids), rank_score (float32 click probability),
       rank (int32, 1-based position after reranking), recall_score,
       recall_rank, label; sorted by user, then rank
 """
@@ -22,6 +22,7 @@ from absl import logging
 
 from contracts import manifest as mf
 from contracts import metrics
+from contracts.candidates import ITEM_COLUMN
 from contracts.fileio import write_parquet_atomic
 from contracts.vocab import Vocabulary
 from trainer import input_pipeline
@@ -112,7 +113,7 @@ def write_reranked(manifest: mf.RankingManifest, p: dict[str, np.ndarray],
   users = Vocabulary.from_parquet(manifest.path(mf.USERS_FILE), "user_id")
   table = pa.table({
       "user_id": users.to_arrow(p["user"][order]),
-      "article_id": items.to_arrow(p["candidate"][order]),
+      ITEM_COLUMN: items.to_arrow(p["candidate"][order]),
       "rank_score": pa.array(probability[order], pa.float32()),
       "rank": pa.array(position[order], pa.int32()),
       "recall_score": pa.array(p["recall_score"][order], pa.float32()),
