@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from absl import logging
 
 from contracts import cli
+from contracts import ray_cluster
 from contracts import manifest as mf
 from contracts import sequences as sq
 from contracts.errors import ConfigError, DataError
@@ -640,12 +641,12 @@ def run(config: pipeline.PreprocessConfig, ray_address: str = "", num_partitions
   output_dir = Path(config.output_dir)
   replaceable = config.replaceable()
   check_replaceable(output_dir, **replaceable)
-  if not ray.is_initialized():
-    if object_store_memory and ray_address:
-      raise ConfigError("--ray_object_store_bytes sizes a local Ray; a cluster at "
-                        "--ray_address has its own")
-    ray.init(address=ray_address or None, include_dashboard=False, log_to_driver=False,
-             object_store_memory=object_store_memory or None)
+  if not ray.is_initialized() and object_store_memory and ray_address:
+    raise ConfigError("--ray_object_store_bytes sizes a local Ray; a cluster at "
+                      "--ray_address has its own")
+  ray_cluster.connect(ray, ray_address, include_dashboard=False, log_to_driver=False,
+                      object_store_memory=object_store_memory or None)
+  ray_cluster.quiet_data_errors()
   if "RAY_DATA_DEFAULT_SHUFFLE_STRATEGY" not in os.environ:
     # Tasks, not the default shuffle's aggregator actors, which each group-by
     # starts anew (seconds apiece on a small cluster: 10x the tiny log's run).

@@ -258,3 +258,29 @@ def test_both_engines_refuse_and_accept_the_same_inputs(local_ray, tmp_path):
     pipeline.run(config(tmp_path / "parts"))
   assert ray_engine.run(config(tmp_path / "parts"), num_partitions=2).counts["clicks"] == 30
 
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cluster")
+def test_a_bad_input_on_the_ray_engine_shows_one_line_and_no_ray_traceback(tmp_path):
+  log = a_log()
+  log[2][1] = ""
+  path = clicks_csv(tmp_path / "log.csv", log)
+  result = subprocess.run(
+      [sys.executable, "-m", "preprocess.main", "--engine=ray", "--source=csv",
+       f"--input={path}", "--user_col=user", "--item_col=item", "--time_col=ts",
+       f"--output_dir={tmp_path / 'out'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == \
+      f"preprocess: error: {path}: column 'item' line 4: empty id"
+  # Ray Data's own report of the failed task (its traceback, twice) stays in its log file.
+  assert "Traceback" not in result.stderr and " ERROR " not in result.stderr, result.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cluster")
+def test_the_connection_probe_accepts_a_running_ray_head(local_ray):
+  from contracts import ray_cluster
+  port = int(local_ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+  # The GCS listens on every interface; 127.0.0.2 keeps the probe on loopback.
+  ray_cluster.probe(f"127.0.0.2:{port}", timeout_s=5)
