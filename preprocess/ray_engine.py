@@ -46,8 +46,8 @@ import pyarrow.parquet as pq
 from absl import logging
 
 from contracts import cli
-from contracts import ray_cluster
 from contracts import manifest as mf
+from contracts import ray_cluster
 from contracts import sequences as sq
 from contracts.errors import ConfigError, DataError
 from contracts.fileio import atomic_directory, check_replaceable, locked_output, output_errors
