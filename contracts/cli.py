@@ -5,6 +5,7 @@ import sys
 from typing import NoReturn
 
 from contracts.errors import ConfigError
+from contracts.ray_cluster import CONNECT_TIMEOUT_SECONDS
 
 
 def fail(program: str, message: str, code: int) -> NoReturn:
@@ -32,8 +33,9 @@ def define_engine_flags(default_engine: str, ray_engine: str) -> None:
   flags.DEFINE_enum("engine", "default", list(ENGINES),
                     f"default: {default_engine}; ray: {ray_engine} (needs the `{RAY_EXTRA}` "
                     "extra).")
-  flags.DEFINE_string("ray_address", "", "--engine=ray: the cluster to connect to (default: "
-                      "start a local one).")
+  flags.DEFINE_string("ray_address", "", "--engine=ray: the cluster to connect to, HOST:PORT of "
+                      "its head (default: start a local one); an address that does not answer "
+                      f"within {CONNECT_TIMEOUT_SECONDS:g} s is an error.")
 
 
 def import_extra(flag: str, what: str, extra: str, *modules: str) -> list:

@@ -89,10 +89,31 @@ class PreprocessConfig:
       if self.csv.time_unit not in readers.TIME_UNITS:
         raise ValueError(f"--time_unit={self.csv.time_unit!r}: choose from "
                          f"{', '.join(readers.TIME_UNITS)}")
+      self._check_csv_columns()
     if self.examples_per_chunk < 1:
       raise ValueError("examples_per_chunk must be >= 1")
     if self.num_workers < 0:
       raise ValueError(f"--num_workers={self.num_workers}: must be >= 0")
+
+  def _check_csv_columns(self) -> None:
+    """One column per flag, a one-character --delimiter, distinct --column_names."""
+    named = [(flag, getattr(self.csv, flag)) for flag in
+             ("user_col", "item_col", "time_col", "category_col") if getattr(self.csv, flag)]
+    for i, (flag, column) in enumerate(named):
+      for other, same in named[i + 1:]:
+        if same == column:
+          raise ValueError(f"--{flag}={column} and --{other}={same} name the same column; each "
+                           "flag needs a column of its own")
+    if self.source == "csv":
+      # pyarrow's CSV parser splits on one character only.
+      if len(self.csv.delimiter) != 1 or self.csv.delimiter in "\r\n\"":
+        raise ValueError(f"--delimiter={self.csv.delimiter!r}: must be one character other "
+                         "than a quote or a line break (or 'tab')")
+      names = self.csv.column_names
+      repeated = sorted({n for n in names if names.count(n) > 1})
+      if repeated:
+        raise ValueError(f"--column_names: {repeated[0]!r} appears {names.count(repeated[0])} "
+                         "times; each column needs a name of its own")
 
   def resolved_num_workers(self) -> int:
     if "fork" not in multiprocessing.get_all_start_methods():

@@ -47,6 +47,7 @@ from absl import logging
 
 from contracts import cli
 from contracts import manifest as mf
+from contracts import ray_cluster
 from contracts import sequences as sq
 from contracts.errors import ConfigError, DataError
 from contracts.fileio import atomic_directory, check_replaceable, locked_output, output_errors
@@ -134,12 +135,6 @@ def _is_parquet(path: str) -> bool:
   return path.endswith((".parquet", ".pq"))
 
 
-def _check_columns(path: str, available: list[str], columns: list[str]) -> None:
-  missing = [c for c in columns if c not in available]
-  if missing:
-    raise DataError(f"{path}: missing column(s) {missing}; the file has {available}")
-
-
 def _file_blocks(path: str, files: ClickFiles):
   """Yields (table of the click columns, header lines) per block of one file.
   Id columns of a CSV are text: `030` is not 30 (the default engine's rule)."""
@@ -149,7 +144,7 @@ def _file_blocks(path: str, files: ClickFiles):
       parquet = pq.ParquetFile(path)
     except (OSError, pa.ArrowInvalid) as e:
       raise DataError(f"{path}: cannot read Parquet ({e})") from e
-    _check_columns(path, parquet.schema_arrow.names, columns)
+    readers.check_columns(path, parquet.schema_arrow.names, columns)
     for batch in parquet.iter_batches(PARQUET_BLOCK_ROWS, columns=columns):
       yield pa.Table.from_batches([batch]), 0
     return
@@ -160,7 +155,7 @@ def _file_blocks(path: str, files: ClickFiles):
       files.user_col: pa.string(), files.item_col: pa.string()})
   try:
     with pacsv.open_csv(path, read_options=read_options, parse_options=parse_options) as reader:
-      _check_columns(path, reader.schema.names, columns)
+      readers.check_columns(path, reader.schema.names, columns)
     with pacsv.open_csv(path, read_options=read_options, parse_options=parse_options,
                         convert_options=convert) as reader:
       for batch in reader:
@@ -174,8 +169,9 @@ def _file_blocks(path: str, files: ClickFiles):
 def _ids(column: pa.ChunkedArray, path: str, name: str, lines: int, parquet: bool) -> pa.Array:
   """An id column of one block: int64 (integer columns) or strings."""
   readers._refuse_nulls(column, Path(path), name, lines, parquet)
-  if pa.types.is_integer(column.type):
-    return pa.array(readers._column_to_int64(column, Path(path), name, lines, parquet))
+  if pa.types.is_integer(column.type):  # uint64 beyond int64 refused as the default engine does
+    (ids,), _ = readers._encode_ids([column], Path(path), name, lines, parquet)
+    return pa.array(ids)
   if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
     raise DataError(f"{path}: column {name!r}: ids must be integers or strings, not "
                     f"{column.type}")
@@ -232,13 +228,36 @@ def _offsets(table: pa.Table) -> np.ndarray:
   return offsets - offsets[0]  # a slice's offsets start where it starts
 
 
-def clean_partition(table: pa.Table) -> pa.Table:
+def _first_click_per_epoch_unit(ts: np.ndarray, key: np.ndarray, num_users: int
+                                ) -> tuple[pa.Array, pa.Array]:
+  """(source key, time) of the first click in source order whose time is a
+  date in each of readers.EPOCH_UNITS (key -1: none), as lists on the first
+  user row of a partition (the others' lists are empty): the driver tells a
+  column mixing units from these, which no block or partition can alone."""
+  units = len(readers.EPOCH_UNITS)
+  keys, times = np.full(units, -1, np.int64), np.zeros(units, np.int64)
+  unit = readers.epoch_unit_of(ts)
+  for k in range(units):
+    inside = np.flatnonzero(unit == k)
+    if len(inside):
+      first = inside[np.argmin(key[inside])]
+      keys[k], times[k] = key[first], ts[first]
+  offsets = pa.array(np.concatenate([[0], np.full(num_users, units)]).astype(np.int32))
+  return pa.ListArray.from_arrays(offsets, keys), pa.ListArray.from_arrays(offsets, times)
+
+
+def clean_partition(table: pa.Table, epoch_units: bool = False) -> pa.Table:
   """Clicks of whole users -> one row per user: the clicks sorted by (time,
-  source row) with exact duplicates dropped, and what that counted."""
+  source row) with exact duplicates dropped, and what that counted (with
+  `epoch_units`, the first click of each epoch unit too)."""
   user = table.column("user").to_numpy(zero_copy_only=False)
   item = table.column("item").to_numpy(zero_copy_only=False)
   ts, key = table.column("ts").to_numpy(), table.column("key").to_numpy()
   codes, uniques = pd.factorize(user)  # any order: users only need telling apart here
+  columns = {}
+  if epoch_units:
+    columns["unit_key"], columns["unit_time"] = _first_click_per_epoch_unit(ts, key,
+                                                                            len(uniques))
   by_row = np.lexsort((key, codes))
   backwards = (np.diff(codes[by_row]) == 0) & (np.diff(ts[by_row]) < 0)
   out_of_order = np.bincount(codes[by_row][1:][backwards], minlength=len(uniques))
@@ -254,6 +273,7 @@ def clean_partition(table: pa.Table) -> pa.Table:
       "ts": _lists(ts, offsets),
       "out_of_order": pa.array(out_of_order.astype(np.int64)),
       "duplicates": pa.array(duplicates.astype(np.int64)),
+      **columns,
   })
 
 
@@ -261,15 +281,32 @@ def clean_partition(table: pa.Table) -> pa.Table:
 # 3. aggregates for the driver
 
 
+def epoch_unit_clicks(table: pa.Table) -> pa.Table:
+  """clean_partition's first clicks per epoch unit of a batch of users: rows
+  (unit, key, ts)."""
+  keys, times = _flat(table, "unit_key").to_numpy(), _flat(table, "unit_time").to_numpy()
+  unit = np.tile(np.arange(len(readers.EPOCH_UNITS), dtype=np.int64),
+                 len(keys) // len(readers.EPOCH_UNITS))
+  found = keys >= 0
+  return pa.table({"unit": unit[found], "key": keys[found], "ts": times[found]})
+
+
 def _is_text(type_: pa.DataType) -> bool:
   return pa.types.is_string(type_) or pa.types.is_large_string(type_)
 
 
 def all_canonical(values: pa.Array) -> bool:
-  """Whether text ids are all canonical integers (then they are integer ids)."""
+  """Whether text ids are all canonical integers within int64 (then they are
+  integer ids; 2^63 written out is a string id, as in the default engine)."""
   if not _is_text(values.type) or not len(values):
     return True
-  return bool(pc.all(pc.match_substring_regex(values, readers._CANONICAL_INT)).as_py())
+  if not pc.all(pc.match_substring_regex(values, readers._CANONICAL_INT)).as_py():
+    return False
+  try:
+    pc.cast(values, pa.int64())
+  except pa.ArrowInvalid:  # 19 digits beyond int64
+    return False
+  return True
 
 
 def item_clicks(table: pa.Table) -> pa.Table:
@@ -523,6 +560,28 @@ def _unwrap(error: BaseException) -> BaseException | None:
   return None
 
 
+def _refuse_mixed_epoch_units(users, files: ClickFiles) -> None:
+  """The default engine's DataError for a time column holding two epoch
+  units, naming the first click of the two smallest (in source order)."""
+  found = pa.concat_tables(_arrow_tables(users.map_batches(
+      epoch_unit_clicks, batch_format="pyarrow", batch_size=None)))
+  if not found.num_rows:
+    return
+  first = found.group_by("unit").aggregate([("key", "min")]).sort_by("unit")
+  if first.num_rows < 2:
+    return
+  examples = []
+  for unit, key in zip(first.column("unit").to_pylist()[:2],
+                       first.column("key_min").to_pylist()[:2]):
+    path = files.paths[key >> _ROW_BITS]
+    row = key & ((1 << _ROW_BITS) - 1)
+    parquet = _is_parquet(path)
+    header = 0 if parquet or files.column_names else 1
+    ts = found.filter(pc.equal(found.column("key"), key)).column("ts")[0].as_py()
+    examples.append((path, readers._describe_row(row, header, parquet), ts, unit))
+  raise readers.mixed_epoch_units(files.time_col, *examples)
+
+
 def _sum_rows(dataset) -> dict[str, int | bool]:
   """Sums (ints) and conjunctions (bools) of a dataset of one-row sums."""
   table = pa.concat_tables(_arrow_tables(dataset))
@@ -582,12 +641,12 @@ def run(config: pipeline.PreprocessConfig, ray_address: str = "", num_partitions
   output_dir = Path(config.output_dir)
   replaceable = config.replaceable()
   check_replaceable(output_dir, **replaceable)
-  if not ray.is_initialized():
-    if object_store_memory and ray_address:
-      raise ConfigError("--ray_object_store_bytes sizes a local Ray; a cluster at "
-                        "--ray_address has its own")
-    ray.init(address=ray_address or None, include_dashboard=False, log_to_driver=False,
-             object_store_memory=object_store_memory or None)
+  if not ray.is_initialized() and object_store_memory and ray_address:
+    raise ConfigError("--ray_object_store_bytes sizes a local Ray; a cluster at "
+                      "--ray_address has its own")
+  ray_cluster.connect(ray, ray_address, include_dashboard=False, log_to_driver=False,
+                      object_store_memory=object_store_memory or None)
+  ray_cluster.quiet_data_errors()
   if "RAY_DATA_DEFAULT_SHUFFLE_STRATEGY" not in os.environ:
     # Tasks, not the default shuffle's aggregator actors, which each group-by
     # starts anew (seconds apiece on a small cluster: 10x the tiny log's run).
@@ -614,17 +673,20 @@ def _run_locked(ray, config, files: ClickFiles, output_dir: Path, replaceable: d
   file_rows = ray.data.from_items([{"file": i, "path": p} for i, p in enumerate(files.paths)])
   clicks = file_rows.map_batches(read_file, batch_size=1, fn_kwargs={
       "files": files, "num_partitions": partitions})
+  epoch_units = files.time_unit != "order"  # a clock, in one unit
   users = clicks.groupby("part", num_partitions=partitions).map_groups(
-      clean_partition, batch_format="pyarrow")
+      clean_partition, batch_format="pyarrow", fn_kwargs={"epoch_units": epoch_units})
   users = users.materialize()
+  if not users.count():  # header lines only; an empty dataset has no columns to aggregate
+    raise DataError(f"{files.paths[0]}: the click log has no rows")
+  if epoch_units:
+    _refuse_mixed_epoch_units(users, files)
   sums = _sum_rows(users.map_batches(user_sums, batch_format="pyarrow", batch_size=None))
   items = _item_totals(users.map_batches(item_clicks, batch_format="pyarrow", batch_size=None),
                        partitions)
   logging.info("read and cleaned %d clicks of %d users in %.1fs", sums["clicks"],
                users.count(), time.perf_counter() - started)
   item_values = items["item"]
-  if not len(item_values):
-    raise DataError(f"{files.paths[0]}: the click log has no rows")
 
   # The id types, over every raw id (the default engine's rule).
   features, category_dictionary, article_ids = None, None, None

@@ -219,6 +219,31 @@ def _require_file(path: Path, what: str) -> Path:
   raise DataError(f"{path}: {what} not found")
 
 
+def _require_input_file(path: Path, source: str) -> None:
+  """A DataError unless `path` is a file: what it is instead, and for a
+  directory of CSV/Parquet files, the engine that reads one."""
+  if path.is_file():
+    return
+  if path.is_dir():
+    also = " (--engine=ray reads every CSV or Parquet file of a directory)" \
+        if source == "csv" else ""
+    raise DataError(f"{path}: a directory; --source={source} reads one file{also}")
+  raise DataError(f"{path}: file not found")
+
+
+def check_columns(path: Path | str, available: list[str], columns: tuple[str, ...] | list[str]
+                  ) -> None:
+  """The columns the job reads are in the file's header, once each."""
+  missing = [c for c in columns if c not in available]
+  if missing:
+    raise DataError(f"{path}: missing column(s) {missing}; the file has {available}")
+  repeated = [c for c in columns if available.count(c) > 1]
+  if repeated:
+    raise DataError(f"{path}: column {repeated[0]!r} appears {available.count(repeated[0])} "
+                    f"times in the header ({', '.join(available)}); which one holds the data "
+                    "cannot be told")
+
+
 def _read_csv(path: Path, columns: tuple[str, ...], delimiter: str = ",",
               column_names: tuple[str, ...] = (), text_columns: tuple[str, ...] = (),
               skip_rows: int = 0) -> tuple[pa.Table, int]:
@@ -235,9 +260,7 @@ def _read_csv(path: Path, columns: tuple[str, ...], delimiter: str = ",",
     if "Empty CSV file" in str(e):
       raise DataError(f"{path}: file is empty") from e
     raise DataError(f"{path}: cannot parse ({e})") from e
-  missing = [c for c in columns if c not in available]
-  if missing:
-    raise DataError(f"{path}: missing column(s) {missing}; the file has {available}")
+  check_columns(path, available, columns)
   try:
     # Streaming keeps a few blocks in memory instead of the whole parsed file.
     with pacsv.open_csv(path, read_options=read_options, parse_options=parse_options,
@@ -264,9 +287,7 @@ def _read_parquet(path: Path, columns: tuple[str, ...]) -> pa.Table:
     available = pq.read_schema(path).names
   except (OSError, pa.ArrowInvalid) as e:
     raise DataError(f"{path}: cannot read Parquet ({e})") from e
-  missing = [c for c in columns if c not in available]
-  if missing:
-    raise DataError(f"{path}: missing column(s) {missing}; the file has {available}")
+  check_columns(path, available, columns)
   return pq.read_table(path, columns=list(columns))
 
 
@@ -292,6 +313,7 @@ def read_news(input_dir: Path) -> RawLog:
   (category,), dictionaries["category"] = _encode_ids(
       [articles.column("category_id")], articles_path, "category_id", a_header, False)
   ts = _column_to_int64(clicks.column("click_timestamp"), clicks_path, "click_timestamp", header)
+  _refuse_mixed_epoch_units(ts, clicks_path, "click_timestamp", header, False)
   items = pd.DataFrame({"item_id": article, "category_id": category})
   for c in ("created_at_ts", "words_count"):
     items[c] = _column_to_int64(articles.column(c), articles_path, c, a_header)
@@ -392,8 +414,7 @@ def read_sequences(path: Path) -> RawLog:
   """One user per line, `user item1 item2 ...` in time order (the S3-Rec,
   ICLRec and DuoRec releases); whitespace separated, order is the clock."""
   path = Path(path)
-  if not path.is_file():
-    raise DataError(f"{path}: file not found")
+  _require_input_file(path, "sequences")
   lines = pc.utf8_trim_whitespace(_read_lines(path))
   tokens = pc.utf8_split_whitespace(lines)
   count = pc.list_value_length(tokens).to_numpy(zero_copy_only=False).copy()
@@ -435,8 +456,7 @@ def read_recbole(path: Path, options: CsvOptions) -> RawLog:
   (`user_id:token`, `timestamp:float`, ...). Token fields are ids (integers or
   strings), float times are seconds."""
   path = Path(path)
-  if not path.is_file():
-    raise DataError(f"{path}: file not found")
+  _require_input_file(path, "recbole")
   header = _read_lines_head(path)
   fields = header.split("\t")
   untyped = [f for f in fields if ":" not in f]
@@ -463,8 +483,7 @@ def read_jsonl(path: Path, options: CsvOptions) -> RawLog:
   """JSON lines with the fields --user_col, --item_col, --time_col (e.g. the
   Amazon review dumps: reviewerID, asin, unixReviewTime)."""
   path = Path(path)
-  if not path.is_file():
-    raise DataError(f"{path}: file not found")
+  _require_input_file(path, "jsonl")
   wanted = [c for c in (options.user_col, options.item_col, options.time_col,
                         options.category_col) if c]
   try:
@@ -504,8 +523,7 @@ def _json_error(path: Path, error: Exception) -> str:
 def read_sasrec_txt(path: Path) -> RawLog:
   """`user item` per line, chronological within each user; order is the clock."""
   path = Path(path)
-  if not path.is_file():
-    raise DataError(f"{path}: file not found")
+  _require_input_file(path, "sasrec_txt")
   table, _ = _read_csv(path, ("user", "item"), delimiter=" ", column_names=("user", "item"),
                        text_columns=("user", "item"))
   dictionaries = {}
@@ -551,8 +569,13 @@ def _parse_dates(values: pd.Series, path: Path, name: str, header_lines: int, pa
                         "--time_format, e.g. --time_format=%d/%m/%Y")
       kwargs = {"dayfirst": bool(len(day_first))}
     elif parts[0].notna().any() or iso.any():
-      odd = int(np.flatnonzero(~(parts[0].notna() | iso).to_numpy())[0])
-      kind = int(np.flatnonzero((parts[0].notna() | iso).to_numpy())[0])
+      day_month = parts[0].notna().to_numpy()
+      iso = iso.to_numpy()
+      # The first date (factorize keeps file order) sets the column's format;
+      # the first value not in it is the odd one, a date of the other kind
+      # included (no value is both ISO and day/month).
+      kind = int(np.flatnonzero(day_month | iso)[0])
+      odd = int(np.flatnonzero(~(iso if iso[kind] else day_month))[0])
       raise DataError(f"{path}: column {name!r}: {where(first_row[odd])} is not in the format "
                       f"of {where(first_row[kind])}: one date format per column (or pass "
                       "--time_format)")
@@ -595,11 +618,59 @@ def _time_column_to_int64(col: pa.ChunkedArray, path: Path, name: str, header_li
   return _column_to_int64(col, path, name, header_lines, parquet)
 
 
+# An epoch time in one of these units is a date of 1973-03 to 2286-11 when it
+# lies in [10^8, 10^10) times 1000^k (k: the unit's index); read in another
+# unit it is before 1973 or after 5000. Two of these bands in one integer
+# column are two units (ms written beside s scramble the order); a value in
+# no band (a counter 1..100, a date before 1973) says nothing about the unit.
+EPOCH_UNITS = ("seconds", "milliseconds", "microseconds", "nanoseconds")
+
+
+def epoch_unit_of(ts: np.ndarray) -> np.ndarray:
+  """Per time, the index in EPOCH_UNITS of the unit in which it is a plausible
+  date, or -1 (int8)."""
+  unit = np.full(len(ts), -1, np.int8)
+  for k in range(len(EPOCH_UNITS)):
+    low, high = 10**8 * 1000**k, 10**10 * 1000**k
+    inside = ts >= low
+    if high <= np.iinfo(np.int64).max:
+      inside &= ts < high
+    unit[inside] = k
+  return unit
+
+
+def mixed_epoch_units(name: str, first: tuple[str, str, int, int],
+                      second: tuple[str, str, int, int]) -> DataError:
+  """The error for a time column holding two epoch units; each example is
+  (file, row description, value, EPOCH_UNITS index)."""
+  (path_a, row_a, value_a, unit_a), (path_b, row_b, value_b, unit_b) = first, second
+  where_b = row_b if path_b == path_a else f"{path_b} {row_b}"
+  return DataError(
+      f"{path_a}: column {name!r} mixes epoch {EPOCH_UNITS[unit_a]} ({row_a}: {value_a}) and "
+      f"epoch {EPOCH_UNITS[unit_b]} ({where_b}: {value_b}), {1000 ** (unit_b - unit_a)}x "
+      "apart: write the column in one unit (or pass --time_unit=order if it counts events "
+      "rather than telling time)")
+
+
+def _refuse_mixed_epoch_units(ts: np.ndarray, path: Path, name: str, header_lines: int,
+                              parquet: bool) -> None:
+  """A DataError naming the first row of the two smallest epoch units, when
+  the column holds more than one."""
+  unit = epoch_unit_of(ts)
+  present = np.flatnonzero(np.bincount(unit + 1, minlength=len(EPOCH_UNITS) + 1)[1:])
+  if len(present) < 2:
+    return
+  examples = []
+  for k in present[:2]:
+    row = int(np.flatnonzero(unit == k)[0])
+    examples.append((str(path), _describe_row(row, header_lines, parquet), int(ts[row]), int(k)))
+  raise mixed_epoch_units(name, *examples)
+
+
 def read_csv_source(path: Path, options: CsvOptions) -> RawLog:
   """Any CSV (any delimiter, optional header) or Parquet file with named columns."""
   path = Path(path)
-  if not path.is_file():
-    raise DataError(f"{path}: file not found")
+  _require_input_file(path, "csv")
   return _read_columns(path, options)
 
 
@@ -628,6 +699,8 @@ def _log_from_table(table: pa.Table, path: Path, options: CsvOptions, header: in
     ts = _time_column_to_int64(table.column(options.time_col), path, options.time_col, header,
                                options.time_unit, parquet, options.time_format)
     time_unit = options.time_unit
+    if time_unit != "order":
+      _refuse_mixed_epoch_units(ts, path, options.time_col, header, parquet)
   else:
     ts, time_unit = np.arange(len(user), dtype=np.int64), "order"
   items = None

@@ -27,6 +27,7 @@ import os
 from absl import logging
 
 from contracts import cli
+from contracts import ray_cluster
 from contracts.errors import ConfigError
 from retrieval import job
 
@@ -65,8 +66,7 @@ def run(config: job.RetrievalConfig, ray_address: str = "", num_actors: int = 0,
                       "itself; leave it at 0")
   ray = import_ray()
   job.preflight(config)  # a bad flag or --output_dir is refused before Ray starts
-  if not ray.is_initialized():
-    ray.init(address=ray_address or None, include_dashboard=False, log_to_driver=False)
+  ray_cluster.connect(ray, ray_address, include_dashboard=False, log_to_driver=False)
   with job.open_job(config) as opened:  # validates, and replaces with --overwrite once
     actors = num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_worker)
     actors = min(actors, config.num_workers)

@@ -36,6 +36,25 @@ def test_bad_flags_fail_with_one_line(tiny_news_dir, tmp_path, flag, message):
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--delimiter=;;"], "--delimiter=';;': must be one character other than a quote or a line "
+                         "break (or 'tab')"),
+    (["--user_col=item"], "--user_col=item and --item_col=item name the same column; each flag "
+                          "needs a column of its own"),
+    (["--time_col=user"], "--user_col=user and --time_col=user name the same column; each flag "
+                          "needs a column of its own"),
+    (["--column_names=user,item,user"], "--column_names: 'user' appears 2 times; each column "
+                                        "needs a name of its own"),
+])
+def test_csv_flags_that_cannot_name_columns_fail_with_one_line(tmp_path, flags, message):
+  (tmp_path / "log.csv").write_text("user,item,ts\n1,2,3\n")
+  result = run("preprocess.main", "--source=csv", f"--input={tmp_path / 'log.csv'}",
+               "--user_col=user", "--item_col=item", f"--output_dir={tmp_path / 'out'}", *flags)
+  assert result.returncode == 2
+  assert result.stderr.strip() == f"preprocess: error: {message}"
+  assert not (tmp_path / "out").exists()
+
+
 def test_bad_input_fails_with_one_line_naming_the_file(tmp_path):
   (tmp_path / "log.txt").write_text("1 2\n1 \n")  # string ids are fine, an empty one is not
   result = run("preprocess.main", "--source=sasrec_txt", f"--input={tmp_path / 'log.txt'}",

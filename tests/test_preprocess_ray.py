@@ -187,3 +187,100 @@ def test_without_ray_the_engine_is_a_one_line_error_naming_the_extra(tmp_path, t
       "preprocess: error: --engine=ray needs Ray (No module named ray); install it with "
       "pip install -e '.[ray]'")
   assert not (tmp_path / "out").exists()
+
+
+def clicks_csv(path: Path, rows: list[tuple], header: str = "user,item,ts") -> Path:
+  path.write_text(header + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+  return path
+
+
+def a_log(users=(1, 2, 3, 4, 5), clicks: int = 6, start: int = 1600000000) -> list[list]:
+  """`clicks` clicks a minute apart for each user, users one after the other."""
+  return [[u, 10 + k + i, start + 60 * (i * clicks + k)]
+          for i, u in enumerate(users) for k in range(clicks)]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cluster")
+def test_both_engines_refuse_and_accept_the_same_inputs(local_ray, tmp_path):
+  def config(path, out="out"):
+    return pipeline.PreprocessConfig(
+        source="csv", input=str(path), output_dir=str(tmp_path / out), num_workers=1,
+        num_shards=2, csv=readers.CsvOptions(user_col="user", item_col="item", time_col="ts"))
+
+  # Ids at the int64 limits, negative ids, and 2^63, which only a string holds:
+  # the users stay int64, the items become strings in both engines.
+  log = a_log(users=(2**63 - 1, -2**63, -5, 0, 7))
+  log[3][1], log[4][1] = 2**63, -2**63
+  ids = clicks_csv(tmp_path / "ids.csv", log)
+  on_ray, default = both_engines(config(ids, ""), tmp_path, partitions=2)
+  assert default.source["id_types"] == {"user": "int64", "item": "string"}
+  assert_same_output(on_ray, default)
+
+  refused = {}
+  dates = [[u, i, f"2020-01-{k % 28 + 1:02d}"] for k, (u, i, _) in enumerate(a_log())]
+  dates[7][2] = "13/01/2020"  # day first among ISO dates: line 9
+  refused["dates.csv"] = "column 'ts': line 9: '13/01/2020' is not in the format of line 2: " \
+                         "'2020-01-01': one date format per column (or pass --time_format)"
+  clicks_csv(tmp_path / "dates.csv", dates)
+  refused["header.csv"] = "the click log has no rows"
+  clicks_csv(tmp_path / "header.csv", [])
+  # User 3's clicks in milliseconds (lines 14-19), the others' in seconds, in
+  # another partition of users on Ray: only the driver sees both units.
+  units = a_log()
+  for row in units[12:18]:
+    row[2] *= 1000
+  partition = ray_engine.partition_of(pa.array(["1", "3"]), 2)
+  assert partition[0] != partition[1]
+  refused["units.csv"] = ("column 'ts' mixes epoch seconds (line 2: 1600000000) and epoch "
+                          "milliseconds (line 14: 1600000720000), 1000x apart: write the column "
+                          "in one unit (or pass --time_unit=order if it counts events rather "
+                          "than telling time)")
+  clicks_csv(tmp_path / "units.csv", units)
+  refused["twice.csv"] = ("column 'ts' appears 2 times in the header (user, item, ts, ts); which "
+                          "one holds the data cannot be told")
+  clicks_csv(tmp_path / "twice.csv", [r + [r[2]] for r in a_log()], "user,item,ts,ts")
+  for name, message in refused.items():
+    path = tmp_path / name
+    with pytest.raises(DataError) as default_error:
+      pipeline.run(config(path))
+    with pytest.raises(DataError) as ray_error:
+      ray_engine.run(config(path), num_partitions=2)
+    assert str(default_error.value) == f"{path}: {message}", name
+    assert str(ray_error.value) == str(default_error.value), name
+    assert not (tmp_path / "out").exists(), name
+
+  # A directory: the Ray engine reads its files; the default engine says it reads one.
+  (tmp_path / "parts").mkdir()
+  clicks_csv(tmp_path / "parts" / "a.csv", a_log())
+  with pytest.raises(DataError, match=rf"^{tmp_path / 'parts'}: a directory; --source=csv reads "
+                                      r"one file \(--engine=ray reads every CSV or Parquet file"):
+    pipeline.run(config(tmp_path / "parts"))
+  assert ray_engine.run(config(tmp_path / "parts"), num_partitions=2).counts["clicks"] == 30
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cluster")
+def test_a_bad_input_on_the_ray_engine_shows_one_line_and_no_ray_traceback(tmp_path):
+  log = a_log()
+  log[2][1] = ""
+  path = clicks_csv(tmp_path / "log.csv", log)
+  result = subprocess.run(
+      [sys.executable, "-m", "preprocess.main", "--engine=ray", "--source=csv",
+       f"--input={path}", "--user_col=user", "--item_col=item", "--time_col=ts",
+       f"--output_dir={tmp_path / 'out'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == \
+      f"preprocess: error: {path}: column 'item' line 4: empty id"
+  # Ray Data's own report of the failed task (its traceback, twice) stays in its log file.
+  assert "Traceback" not in result.stderr and " ERROR " not in result.stderr, result.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cluster")
+def test_the_connection_probe_accepts_a_running_ray_head(local_ray):
+  from contracts import ray_cluster
+  port = int(local_ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+  # The GCS listens on every interface; 127.0.0.2 keeps the probe on loopback.
+  ray_cluster.probe(f"127.0.0.2:{port}", timeout_s=5)

@@ -1,9 +1,12 @@
 """Every reader on small fixtures written here, and bad input."""
 
 import gzip
+import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from contracts.errors import DataError
@@ -325,6 +328,11 @@ def test_day_first_dates_are_read_day_first_for_the_whole_column(tmp_path):
                                    r"with the month first \(line 3: '10/13/2017'\)"),
     (["1500000000", "2017-10-01"], r"mixes integer times \(line 2: '1500000000'\) and dates "
                                    r"\(line 3: '2017-10-01'\)"),
+    # ISO beside day/month: the first date's format is the column's.
+    (["2017-10-01", "2017-10-02", "13/10/2017"],
+     r" line 4: '13/10/2017' is not in the format of line 2: '2017-10-01': one date format"),
+    (["13/10/2017", "2017-10-01"],
+     r" line 3: '2017-10-01' is not in the format of line 2: '13/10/2017': one date format"),
 ])
 def test_dates_that_cannot_be_read_one_way_are_refused(tmp_path, values, message):
   with pytest.raises(DataError, match=rf"d\.csv: column 't'.*{message}"):
@@ -341,3 +349,58 @@ def test_movielens_string_ids_share_the_movies_vocabulary(tmp_path):
   assert list(items[log.items.item_id]) == ["m1", "m2", "m3"]
   names = log.category_names.set_index("category_id").name
   assert list(names[log.items.category_id]) == ["Action", "Comedy", "Drama"]
+
+
+@pytest.mark.parametrize("source", ["csv", "sasrec_txt", "sequences", "recbole", "jsonl"])
+def test_a_directory_where_a_file_is_read_is_named_as_one(tmp_path, source):
+  (tmp_path / "logs").mkdir()
+  engines = " (--engine=ray reads every CSV or Parquet file of a directory)" \
+      if source == "csv" else ""
+  with pytest.raises(DataError, match=rf"^{tmp_path / 'logs'}: a directory; --source={source} "
+                                      rf"reads one file{re.escape(engines)}$"):
+    readers.read_source(source, tmp_path / "logs", readers.CsvOptions("u", "i", "t"))
+  with pytest.raises(DataError, match=rf"^{tmp_path / 'none.csv'}: file not found$"):
+    readers.read_source(source, tmp_path / "none.csv", readers.CsvOptions("u", "i", "t"))
+
+
+def test_a_column_the_job_reads_twice_in_the_header_is_refused(tmp_path):
+  path = write(tmp_path / "log.csv", "u,i,t,t,x,x\n1,2,3,4,5,6\n")
+  with pytest.raises(DataError, match=rf"^{path}: column 't' appears 2 times in the header "
+                                      r"\(u, i, t, t, x, x\); which one holds the data"):
+    readers.read_source("csv", path, readers.CsvOptions("u", "i", "t"))
+  # Repeated columns the job does not read are no concern of it.
+  assert readers.read_source("csv", path, readers.CsvOptions("u", "i")).item_id.tolist() == [2]
+  parquet = tmp_path / "log.parquet"
+  pq.write_table(pa.table([[1], [2], [3], [4]], names=["u", "i", "t", "t"]), parquet)
+  with pytest.raises(DataError, match=rf"^{parquet}: column 't' appears 2 times"):
+    readers.read_source("csv", parquet, readers.CsvOptions("u", "i", "t"))
+
+
+def _times(tmp_path, values, time_unit="s"):
+  path = write(tmp_path / "t.csv", "u,i,t\n" + "".join(f"1,{i},{v}\n" for i, v in
+                                                      enumerate(values)))
+  return readers.read_source("csv", path, readers.CsvOptions("u", "i", "t",
+                                                             time_unit=time_unit)).ts.tolist()
+
+
+def test_a_time_column_mixing_epoch_units_is_refused(tmp_path):
+  # 1600000000 s is 2020-09-13; 1600000060000 ms is a minute later, and read
+  # as seconds it is the year 52672: sorting would put it after everything.
+  with pytest.raises(DataError, match=rf"^{tmp_path / 't.csv'}: column 't' mixes epoch seconds "
+                                      r"\(line 3: 1600000000\) and epoch milliseconds \(line 4: "
+                                      r"1600000060000\), 1000x apart: .* --time_unit=order"):
+    _times(tmp_path, [5, 1600000000, 1600000060000, 1600000120])
+  with pytest.raises(DataError, match=r"epoch milliseconds \(line 2: 1600000000000\) and epoch "
+                                      r"microseconds \(line 3: 1600000060000000\), 1000x apart"):
+    _times(tmp_path, [1600000000000, 1600000060000000], time_unit="ms")
+
+
+def test_times_in_one_unit_or_counters_are_not_mixed_units(tmp_path):
+  # Small counters are in no unit's band of plausible dates (1973-2286).
+  assert _times(tmp_path, [1, 2, 100, 99999999]) == [1, 2, 100, 99999999]
+  # Seconds from 1973 to 2286, and a 0 beside them, are one unit.
+  assert _times(tmp_path, [0, 100000000, 9999999999]) == [0, 100000000, 9999999999]
+  # A counter that happens to span the bands is read as one with --time_unit=order.
+  assert _times(tmp_path, [1600000000, 1600000060000], "order") == [1600000000, 1600000060000]
+  # Dates are converted to one unit whatever their range.
+  assert _times(tmp_path, ["1971-01-01", "2200-01-01"]) == [31536000, 7258118400]

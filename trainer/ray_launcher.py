@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from contracts import cli
+from contracts import ray_cluster
 from contracts.errors import ConfigError
 from contracts.model_layout import METRICS_FILE
 from trainer.config import TrainerConfig
@@ -62,8 +63,7 @@ def run(config: TrainerConfig, num_workers: int, ray_address: str = "",
   if num_workers < 1:
     raise ConfigError(f"--num_workers={num_workers}: must be >= 1")
   ray, RunConfig, ScalingConfig, TensorflowTrainer = import_ray_train()
-  if not ray.is_initialized():
-    ray.init(address=ray_address or None, include_dashboard=False, log_to_driver=True)
+  ray_cluster.connect(ray, ray_address, include_dashboard=False, log_to_driver=True)
   model_dir = Path(config.model_dir).absolute()
   trainer = TensorflowTrainer(
       train_on_worker,
