@@ -1,9 +1,10 @@
 """Readers: each `--source` format -> one `RawLog` of integer ids and times.
 
 Every reader parses with pyarrow (vectorised, multi-threaded; `.gz` and other
-compressions are detected from the file name), never line by line. Ids must
-be integers: a non-integer or empty value is refused with a `DataError`
-naming the file, the column and the line (or Parquet row).
+compressions are detected from the file name), never line by line. An id
+column whose every value is a canonical int64 is read as integers, any other
+as string ids (`RawLog`); an empty id is refused with a `DataError` naming
+the file, the column and the line (or Parquet row).
 
 Array position i in a `RawLog` is data row i of the source in file order;
 the pipeline uses it to break timestamp ties, so equal times keep file order.
