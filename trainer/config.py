@@ -8,6 +8,7 @@ refused (its checkpoints would not fit).
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -523,6 +524,7 @@ def for_evaluation(given: TrainerConfig, present: set[str]) -> TrainerConfig:
   path = Path(given.model_dir) / CONFIG_FILE
   if not given.model_dir:
     raise ConfigError("--model_dir is required")
+  _check_outside_model_dir(given.eval_metrics_file, given.model_dir)
   if not path.is_file():
     raise ConfigError(f"--mode=eval: {path} does not exist (--model_dir has no trained model)")
   try:
@@ -538,6 +540,19 @@ def for_evaluation(given: TrainerConfig, present: set[str]) -> TrainerConfig:
   for name in present & set(EVALUATION_FIELDS):
     values[name] = getattr(given, name)
   return TrainerConfig.from_dict(values)
+
+
+def _check_outside_model_dir(metrics_file: str, model_dir: str) -> None:
+  """--mode=eval writes nothing into the model directory: a metrics file
+  there (through a symlink or a relative path too) could replace the run's
+  own metrics.json."""
+  if not metrics_file:
+    return
+  target, model = Path(os.path.realpath(metrics_file)), Path(os.path.realpath(model_dir))
+  if target == model or model in target.parents:
+    raise ConfigError(f"--eval_metrics_file={metrics_file} is inside --model_dir={model_dir} "
+                      f"(it resolves to {target}); --mode=eval writes nothing into the model "
+                      "directory, choose a file elsewhere")
 
 
 def save(config: TrainerConfig) -> None:
