@@ -357,7 +357,7 @@ class Trainer:
       remove_leftovers(self.model_dir)
     step = self.restore()
     if self.is_chief:
-      config_lib.save(c)
+      config_lib.save(c, self.manifest)
     if step >= self.total_steps:
       logging.info("already trained %d >= %d steps", step, self.total_steps)
     reader = input_pipeline.TrainReader(self.manifest, c.batch_size, c.seed, self.steps_per_epoch,
