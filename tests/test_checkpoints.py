@@ -151,3 +151,23 @@ def test_mode_eval_of_a_damaged_checkpoint_is_one_line_naming_the_file(trained, 
   assert result.stderr.strip().splitlines()[-1] == (
       f"trainer: error: --eval_checkpoint=the exported one: {damaged} is damaged (Read less "
       "bytes than requested)")
+
+
+@pytest.mark.slow
+def test_under_selection_a_damaged_evaluation_checkpoint_is_retrained_to_the_same_best(
+    tiny_windows, tmp_path, monkeypatch):
+  """best/ (step 4) is newer than the checkpoint resumed from (step 2): the
+  evaluation at step 4 is repeated and keeps the same best."""
+  from test_selection import scripted_evaluations
+  config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", train_steps=4,
+                                early_stopping_metric="ndcg@10", early_stopping_patience=0,
+                                eval_every_steps=2, eval_max_users=50, export=False)
+  scripted_evaluations(monkeypatch, [0.1, 0.4])  # steps 2 and 4: the best is step 4
+  train_lib.Trainer(config, tiny_windows).run()
+  damage(tmp_path / "m" / "checkpoints" / "ckpt-4.data-00000-of-00001", "flip")
+  monkeypatch.undo()
+  scripted_evaluations(monkeypatch, [0.4])  # step 4 again
+  result = train_lib.Trainer(config, tiny_windows).run()
+  assert result.global_step == 4 and result.metrics["global_step"] == 4
+  assert [e["step"] for e in result.metrics["selection"]["curve"]] == [2, 4]
+  checkpoints.verify(str(tmp_path / "m" / "checkpoints" / "ckpt-4"))

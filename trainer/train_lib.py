@@ -306,15 +306,24 @@ class Trainer:
                             config_lib.SELECTION_SPLIT, c.early_stopping_patience, step)
     best, kept = chosen.best(), selection.read_best(self.checkpoint_dir)
     if best is not None and (kept is None or kept["step"] != best["step"]):
-      raise TrainingError(
-          f"{selection.best_file(self.checkpoint_dir)} names step "
-          f"{kept and kept['step']}, but the validation curve's best is step {best['step']}; "
-          "the model directory was changed by hand, use another --model_dir")
-    if chosen.curve:
+      if kept is not None and kept["step"] > step:
+        # Resumed before a damaged checkpoint: the evaluations after `step` are
+        # repeated, take the same decisions and write best/ again (checked at the end).
+        logging.info("%s names step %d, after the restored step %d: the evaluations from "
+                     "there are repeated", selection.best_file(self.checkpoint_dir),
+                     kept["step"], step)
+      else:
+        raise TrainingError(self._best_mismatch(kept, best))
+    if chosen.curve and best is not None:
       logging.info("selection on %s %s: %d evaluations up to step %d, best %.4f at step %d",
                    chosen.split, chosen.metric, len(chosen.curve), step, best[chosen.metric],
                    best["step"])
     return chosen
+
+  def _best_mismatch(self, kept: dict | None, best: dict) -> str:
+    return (f"{selection.best_file(self.checkpoint_dir)} names step "
+            f"{kept and kept['step']}, but the validation curve's best is step {best['step']}; "
+            "the model directory was changed by hand, use another --model_dir")
 
   def _select(self, evaluator, chosen: selection.Selection, step: int) -> None:
     """Evaluates the valid split at `step`, keeps the weights if they are the best."""
@@ -485,8 +494,10 @@ class Trainer:
     elif not interrupted:
       chosen_step = step
       if chosen is not None and chosen.best() is not None:
-        best = chosen.best()
-        self._restore_best(selection.read_best(self.checkpoint_dir))
+        best, kept = chosen.best(), selection.read_best(self.checkpoint_dir)
+        if kept is None or kept["step"] != best["step"]:
+          raise TrainingError(self._best_mismatch(kept, best))
+        self._restore_best(kept)
         chosen_step = best["step"]
       evaluated, headline = evaluate_every_split(c, self.manifest, self.model,
                                                  reranked_dir=self.model_dir)
