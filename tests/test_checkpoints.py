@@ -77,7 +77,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_newest_intact_one(
   damaged = model_dir / "checkpoints" / f"ckpt-4.{file}"
   damage(damaged, how)
   trainer = restarted(model_dir, tiny_windows)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     assert trainer.restore() == 2
   said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("damaged")]
   assert len(said) == 1 and said[0].startswith(f"damaged checkpoint: {damaged} is damaged (")
@@ -122,7 +122,7 @@ def test_a_garbage_state_file_resumes_from_the_index_files_not_step_0(trained, t
   state = model_dir / "checkpoints" / "checkpoint"
   state.write_text("this is not a checkpoint state\n")
   trainer = restarted(model_dir, tiny_windows)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     assert trainer.restore() == 4
   assert f"{state} is not a checkpoint state file (line 1 is 'this is not a checkpoint " \
          "state'); recovered the checkpoint list from the ckpt-N.index files: ckpt-2, ckpt-4" \
