@@ -240,8 +240,7 @@ class Trainer:
                             f"move {self.checkpoint_dir} away to train from step 0")
       return self.global_step
     if found.damaged:
-      logging.info("damaged checkpoint: %s; resuming from %s instead", found.describe_damage(),
-                   found.prefix)
+      logging.info("%s; resuming from %s instead", found.describe_damage(), found.prefix)
     if self.is_chief and (listing.recovered or found.damaged):
       checkpoints.write_state(self.checkpoint_dir, found.intact)
       self.manager = self._checkpoint_manager()  # it reads the list back
@@ -565,8 +564,7 @@ def evaluate_checkpoint(config: TrainerConfig, manifest) -> dict:
   try:
     checkpoints.verify(prefix)
   except checkpoints.DamagedCheckpoint as e:
-    raise DataError(f"--eval_checkpoint={config.eval_checkpoint or 'the exported one'}: "
-                    f"{e}") from e
+    raise DataError(f"--mode=eval: {e}") from e
   model = build_model(config, manifest)
   # A training checkpoint also holds the optimizer, which evaluation does not need.
   tf.train.Checkpoint(model=model).read(prefix).expect_partial().assert_existing_objects_matched()
