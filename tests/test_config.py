@@ -59,3 +59,41 @@ def test_model_checks_run_only_for_the_model_that_reads_the_field(tiny_data, tmp
 def test_an_unknown_model_names_the_choices():
   with pytest.raises(ConfigError, match="--model='bert4rec': choose from sasrec, gru4rec"):
     registry.get("bert4rec")
+
+
+def test_the_model_dirs_data_is_recognised_by_its_vocabularies_not_its_path(tiny_news_dir,
+                                                                            tmp_path):
+  """A data directory rebuilt in place with another catalogue is refused before
+  anything is built, naming the vocabulary and both sizes; the same data
+  behind another path is accepted."""
+  from conftest import make_config
+  from preprocess import pipeline
+  data = tmp_path / "data"
+  first = pipeline.run(make_config(tiny_news_dir, data, max_seq_len=8))
+  config = small_trainer_config(data, tmp_path / "m")
+  config_lib.save(config, first)  # what the first run records
+  (tmp_path / "link").symlink_to(data, target_is_directory=True)
+  config_lib.validate(dataclasses.replace(config, data_dir=str(tmp_path / "link")))
+
+  rebuilt = pipeline.run(make_config(tiny_news_dir, data, max_seq_len=8, min_item_clicks=3,
+                                     overwrite=True))
+  old_items, new_items = first.vocab_sizes["items"] - 1, rebuilt.vocab_sizes["items"] - 1
+  assert new_items < old_items
+  for data_dir in (data, tmp_path / "link"):
+    with pytest.raises(ConfigError) as refused:
+      config_lib.validate(dataclasses.replace(config, data_dir=str(data_dir)))
+    assert str(refused.value) == (
+        f"--data_dir={data_dir}: its items vocabulary differs from the one the checkpoints in "
+        f"{tmp_path / 'm'} were trained on ({data}): {old_items} items then, {new_items} now "
+        "(SHA-256 differs; use another --model_dir)")
+
+
+def test_a_model_dir_without_recorded_vocabularies_still_compares_the_data_path(tiny_data,
+                                                                                 tmp_path):
+  config = small_trainer_config(tiny_data.data_dir, tmp_path / "m")
+  (tmp_path / "m").mkdir()
+  (tmp_path / "m" / "trainer_config.json").write_text(json.dumps(config.to_dict()))
+  config_lib.validate(config)
+  (tmp_path / "link").symlink_to(tiny_data.data_dir, target_is_directory=True)
+  with pytest.raises(ConfigError, match=r"--data_dir=.*link differs from .* the checkpoints"):
+    config_lib.validate(dataclasses.replace(config, data_dir=str(tmp_path / "link")))

@@ -283,3 +283,60 @@ def test_shared_item_embeddings_and_item_dropout(tiny_windows):
   # A trainer_config.json from before these fields existed describes the heads model.
   legacy = TrainerConfig.from_dict({"model": "sasrec", "emb_dim": 16})
   assert (legacy.share_item_embeddings, legacy.item_dropout) == (False, 0.0)
+
+
+@pytest.mark.parametrize("model", ["sasrec", "two_tower"])
+@pytest.mark.slow
+def test_the_serving_signatures_refuse_inputs_that_disagree(tiny_windows, tmp_path, model):
+  """Rows, lengths and users that do not line up fail inside the loaded
+  SavedModel instead of returning one vector per `length` entry."""
+  from contracts import manifest as mf
+  from contracts.vocab import Vocabulary
+  config = small_trainer_config(tiny_windows.data_dir, tmp_path / "m", model=model)
+  built = train_lib.Trainer(config, tiny_windows).model  # untrained weights serve as well
+  export.export(built, model, tiny_windows, tmp_path / "m", 0)
+  tower = tf.saved_model.load(str(tmp_path / "m" / "export" / export.USER_TOWER))
+  items = Vocabulary.from_parquet(tiny_windows.path(mf.ITEMS_FILE), "item_id")
+  users = Vocabulary.from_parquet(tiny_windows.path(mf.USERS_FILE), "user_id")
+  ids = tf.constant(items.raw_ids[:6].reshape(3, 2))  # 3 rows of 2 raw clicks
+  three_users = tf.constant(users.raw_ids[:3])
+  raw = tower.signatures[export.RAW_SIGNATURE]
+  ragged = tower.signatures[export.RAW_RAGGED_SIGNATURE]
+  default = tower.signatures["serving_default"]
+  assert raw(history=ids, length=tf.constant([2, 1, 0], tf.int64),
+             user=three_users)["vector"].shape == (3, 16)
+
+  def refused(signature, message, **inputs):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+      signature(**inputs)
+
+  # 3 history rows, 2 lengths: the third row used to be dropped silently.
+  refused(raw, "serving_raw: `length` must have one entry per row of `history`",
+          history=ids, length=tf.constant([2, 2], tf.int64), user=three_users)
+  refused(raw, r"serving_raw: `length` must be <= the width of `history`",
+          history=ids, length=tf.constant([2, 3, 1], tf.int64), user=three_users)
+  refused(raw, r"serving_raw: `length` must be >= 0",
+          history=ids, length=tf.constant([2, -1, 1], tf.int64), user=three_users)
+  refused(raw, "serving_raw: `user` must have one id per row of the history",
+          history=ids, length=tf.constant([2, 2, 2], tf.int64), user=three_users[:2])
+  values = tf.reshape(ids, [-1])  # 6 raw clicks
+  refused(ragged, "serving_raw_ragged: `history_row_lengths` must add up to the number of "
+          "`history_values`", history_values=values,
+          history_row_lengths=tf.constant([2, 2, 1], tf.int64), user=three_users)
+  refused(ragged, "serving_raw_ragged: `history_row_lengths` must be >= 0",
+          history_values=values, history_row_lengths=tf.constant([4, 3, -1], tf.int64),
+          user=three_users)
+  refused(ragged, "serving_raw_ragged: `user` must have one id per row",
+          history_values=values, history_row_lengths=tf.constant([2, 2, 2], tf.int64),
+          user=three_users[:2])
+  indices = tf.constant(np.arange(1, 1 + 3 * tiny_windows.max_seq_len, dtype=np.int64)
+                        .reshape(3, -1) % tiny_windows.vocab_sizes["items"])
+  refused(default, "serving_default: `user` must have one id per row",
+          history=indices, user=tf.constant([1, 2], tf.int64))
+  # sasrec ignores the user: none at all is allowed; two_tower embeds it and needs one per row.
+  no_users = tf.constant([], tf.int64)
+  if model == "sasrec":
+    assert default(history=indices, user=no_users)["vector"].shape == (3, 16)
+  else:
+    refused(default, "serving_default: `user` must have one id per row", history=indices,
+            user=no_users)

@@ -238,3 +238,26 @@ def test_a_full_or_read_only_model_dir_is_one_line(tiny_windows, tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"trainer: error: {tmp_path / 'ro' / 'm'}: cannot create or lock it (Read-only file "
         "system)"]
+
+
+def test_mode_eval_refuses_a_metrics_file_inside_the_model_dir(tiny_export, tmp_path):
+  """Written there, it would replace the run's own metrics.json: refused before
+  evaluating, however the path reaches the model directory."""
+  metrics = tiny_export / "metrics.json"
+  trained = metrics.read_bytes()
+  (tmp_path / "link").symlink_to(tiny_export, target_is_directory=True)
+  (tmp_path / "file_link.json").symlink_to(metrics)
+  for given, cwd in ((str(metrics), None), ("m/metrics.json", tiny_export.parent),
+                     (str(tmp_path / "link" / "metrics.json"), None),
+                     (str(tmp_path / "link" / "sub" / "other.json"), None),
+                     ("file_link.json", tmp_path)):
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.main", "--mode=eval", f"--model_dir={tiny_export}",
+         f"--eval_metrics_file={given}"], capture_output=True, text=True, env=ENV, timeout=180,
+        cwd=cwd)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().startswith(
+        f"trainer: error: --eval_metrics_file={given} is inside --model_dir={tiny_export} ")
+    assert len(result.stderr.strip().splitlines()) == 1
+  assert metrics.read_bytes() == trained
+  assert not (tiny_export / "sub").exists()

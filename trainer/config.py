@@ -8,6 +8,7 @@ refused (its checkpoints would not fit).
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -405,7 +406,7 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
       manifest = mf.load_ranking(config.data_dir)
     except DataError as e:
       bad(f"--data_dir: {e}")
-    check_saved_config(config)
+    check_saved_config(config, manifest)
     _check_shard_sizes(manifest)
     return manifest
   try:
@@ -446,7 +447,7 @@ def validate(config: TrainerConfig) -> mf.Manifest | mf.RankingManifest:
   if max(config.eval_topk) > manifest.vocab_sizes["items"] - 1:
     bad(f"--eval_topk={max(config.eval_topk)} exceeds the {manifest.vocab_sizes['items'] - 1} "
         "items")
-  check_saved_config(config)
+  check_saved_config(config, manifest)
   return manifest
 
 
@@ -497,24 +498,56 @@ def resolved_loss(config: TrainerConfig, manifest: mf.Manifest) -> str:
   return "softmax" if fits else "in_batch"
 
 
-def check_saved_config(config: TrainerConfig) -> None:
+# trainer_config.json's record of the data the model was first trained on
+# (beside the config's fields): {name: {"sha256", "size"}} per vocabulary.
+DATA_VOCABULARIES = "data_vocabularies"
+
+
+def data_vocabularies(manifest: mf.Manifest | mf.RankingManifest) -> dict[str, dict]:
+  """{name: {"sha256": of its file, "size": rows, padding included}} for the
+  vocabularies a model's indices refer to: the data's identity, whatever its path."""
+  from contracts.export_manifest import VOCABULARY_FILES, vocab_fingerprints
+  fingerprints = vocab_fingerprints(manifest, tuple(VOCABULARY_FILES))
+  return {name: {"sha256": sha, "size": int(manifest.vocab_sizes[name])}
+          for name, sha in fingerprints.items()}
+
+
+def check_saved_config(config: TrainerConfig,
+                       manifest: mf.Manifest | mf.RankingManifest) -> None:
   """The flags against the trainer_config.json of the checkpoints already in
-  model_dir, if any: the architecture and the data must be the same."""
+  model_dir, if any: the architecture and the data must be the same. The data
+  is recognised by its vocabularies' SHA-256 (any path to the same data is
+  accepted, changed data at the same path is not); a model_dir that recorded
+  none (written before they were) by the data_dir's path."""
   path = Path(config.model_dir) / CONFIG_FILE
   if not path.is_file():
     return
   try:
-    saved = TrainerConfig.from_dict(json.loads(path.read_text()))
-  except (ValueError, TypeError) as e:
+    recorded = json.loads(path.read_text())
+    saved = TrainerConfig.from_dict(recorded)
+  except (ValueError, TypeError, AttributeError) as e:
     raise ConfigError(f"--model_dir: {path} is not a trainer config ({e})") from e
   for name in ARCHITECTURE_FIELDS:
     if config.reads(name) and getattr(saved, name) != getattr(config, name):
       raise ConfigError(
           f"--{name}={getattr(config, name)} differs from {getattr(saved, name)} of the "
           f"checkpoints in {config.model_dir} (use another --model_dir)")
-  if Path(saved.data_dir).absolute() != Path(config.data_dir).absolute():
-    raise ConfigError(f"--data_dir={config.data_dir} differs from {saved.data_dir} the "
-                      f"checkpoints in {config.model_dir} were trained on")
+  trained_on = recorded.get(DATA_VOCABULARIES)
+  if not trained_on:
+    if Path(saved.data_dir).absolute() != Path(config.data_dir).absolute():
+      raise ConfigError(f"--data_dir={config.data_dir} differs from {saved.data_dir} the "
+                        f"checkpoints in {config.model_dir} were trained on")
+    return
+  current = data_vocabularies(manifest)
+  for name, first in trained_on.items():
+    now = current.get(name)
+    if now is None or now["sha256"] != first.get("sha256"):
+      sizes = (f"{first.get('size', 1) - 1} {name} then, "
+               f"{now['size'] - 1} now" if now else "not in this data")
+      raise ConfigError(
+          f"--data_dir={config.data_dir}: its {name} vocabulary differs from the one the "
+          f"checkpoints in {config.model_dir} were trained on ({saved.data_dir}): {sizes} "
+          "(SHA-256 differs; use another --model_dir)")
 
 
 def for_evaluation(given: TrainerConfig, present: set[str]) -> TrainerConfig:
@@ -523,6 +556,7 @@ def for_evaluation(given: TrainerConfig, present: set[str]) -> TrainerConfig:
   path = Path(given.model_dir) / CONFIG_FILE
   if not given.model_dir:
     raise ConfigError("--model_dir is required")
+  _check_outside_model_dir(given.eval_metrics_file, given.model_dir)
   if not path.is_file():
     raise ConfigError(f"--mode=eval: {path} does not exist (--model_dir has no trained model)")
   try:
@@ -540,7 +574,22 @@ def for_evaluation(given: TrainerConfig, present: set[str]) -> TrainerConfig:
   return TrainerConfig.from_dict(values)
 
 
-def save(config: TrainerConfig) -> None:
+def _check_outside_model_dir(metrics_file: str, model_dir: str) -> None:
+  """--mode=eval writes nothing into the model directory: a metrics file
+  there (through a symlink or a relative path too) could replace the run's
+  own metrics.json."""
+  if not metrics_file:
+    return
+  target, model = Path(os.path.realpath(metrics_file)), Path(os.path.realpath(model_dir))
+  if target == model or model in target.parents:
+    raise ConfigError(f"--eval_metrics_file={metrics_file} is inside --model_dir={model_dir} "
+                      f"(it resolves to {target}); --mode=eval writes nothing into the model "
+                      "directory, choose a file elsewhere")
+
+
+def save(config: TrainerConfig, manifest: mf.Manifest | mf.RankingManifest) -> None:
+  """trainer_config.json: the config's fields and the data's vocabularies."""
   from contracts.fileio import write_json_atomic
   Path(config.model_dir).mkdir(parents=True, exist_ok=True)
-  write_json_atomic(Path(config.model_dir) / CONFIG_FILE, config.to_dict())
+  write_json_atomic(Path(config.model_dir) / CONFIG_FILE,
+                    {**config.to_dict(), DATA_VOCABULARIES: data_vocabularies(manifest)})

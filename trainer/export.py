@@ -13,6 +13,10 @@
                                (the real clicks are the last `length` of the row), user [None]
                              serving_raw_ragged: history_values [None] raw ids,
                                history_row_lengths [None], user [None]
+                           Inputs that disagree fail with InvalidArgumentError: rows of
+                           history vs length vs user (one per row; sasrec's may be empty),
+                           0 <= length <= history width, sum(history_row_lengths) ==
+                           len(history_values).
     item_vectors.parquet   id (raw item id), vector (float32 x emb_dim): for an index of your own
     item_embeddings.npy    float32 [num_items, emb_dim]; row i = item index i (row 0,
                            padding, is zeros); raw ids: the data's vocab/items.parquet
@@ -74,6 +78,8 @@ class UserTower(tf.Module):
     self.model = model
     self.max_seq_len = max_seq_len
     self.item_table, self.user_table = _lookup_table(items), _lookup_table(users)
+    # A model without a user embedding ignores `user`: it may then be empty.
+    self.reads_user = getattr(model, "user_embedding", None) is not None
     item_dtype = tf.string if items.is_string else tf.int64
     user_dtype = tf.string if users.is_string else tf.int64
     self.serve = tf.function(
@@ -91,24 +97,56 @@ class UserTower(tf.Module):
             tf.TensorSpec([None], tf.int64, name="history_row_lengths"),
             tf.TensorSpec([None], user_dtype, name="user")])
 
+  def _check_users(self, signature: str, rows, user) -> None:
+    """`user` holds one id per row (or none, for a model that ignores it)."""
+    users = tf.shape(user, out_type=tf.int64)[0]
+    agree = tf.equal(users, rows)
+    if not self.reads_user:
+      agree = tf.logical_or(agree, tf.equal(users, 0))
+    tf.debugging.assert_equal(
+        agree, True, message=f"{signature}: `user` must have one id per row of the history"
+        + ("" if self.reads_user else " (or none)"))
+
   def _serve(self, history, user):
+    self._check_users("serving_default", tf.shape(history, out_type=tf.int64)[0], user)
+    return self._vector(history, user)
+
+  def _vector(self, history, user):
     vector = self.model.user_vector(tf.cast(history, tf.int32), tf.cast(user, tf.int32))
     return {"vector": tf.cast(vector, tf.float32)}
 
   def _serve_raw(self, history, length, user):
     # The last `length` columns of each row are its clicks, latest last.
+    rows = tf.shape(history, out_type=tf.int64)[0]
     width = tf.shape(history, out_type=tf.int64)[1]
+    tf.debugging.assert_equal(tf.shape(length, out_type=tf.int64)[0], rows, message=(
+        f"{RAW_SIGNATURE}: `length` must have one entry per row of `history`"))
+    tf.debugging.assert_non_negative(length, message=f"{RAW_SIGNATURE}: `length` must be >= 0")
+    tf.debugging.assert_less_equal(length, width, message=(
+        f"{RAW_SIGNATURE}: `length` must be <= the width of `history`"))
+    self._check_users(RAW_SIGNATURE, rows, user)
     real = tf.range(width)[None, :] >= (width - length)[:, None]
-    return self._serve_raw_ragged(tf.boolean_mask(history, real), tf.minimum(length, width), user)
+    return self._raw_ragged(tf.boolean_mask(history, real), length, user)
 
   def _serve_raw_ragged(self, history_values, history_row_lengths, user):
+    tf.debugging.assert_non_negative(history_row_lengths, message=(
+        f"{RAW_RAGGED_SIGNATURE}: `history_row_lengths` must be >= 0"))
+    tf.debugging.assert_equal(
+        tf.reduce_sum(history_row_lengths), tf.shape(history_values, out_type=tf.int64)[0],
+        message=f"{RAW_RAGGED_SIGNATURE}: `history_row_lengths` must add up to the number of "
+        "`history_values`")
+    self._check_users(RAW_RAGGED_SIGNATURE,
+                      tf.shape(history_row_lengths, out_type=tf.int64)[0], user)
+    return self._raw_ragged(history_values, history_row_lengths, user)
+
+  def _raw_ragged(self, history_values, history_row_lengths, user):
     ragged = tf.RaggedTensor.from_row_lengths(self.item_table.lookup(history_values),
                                               history_row_lengths)
     # Left-pad to max_seq_len keeping the latest clicks: reverse, pad right, reverse.
     reversed_rows = tf.reverse(ragged, axis=[1]).to_tensor(
         default_value=0, shape=[None, self.max_seq_len])
     history = tf.reverse(reversed_rows, axis=[1])
-    return self._serve(history, self.user_table.lookup(user))
+    return self._vector(history, self.user_table.lookup(user))
 
 
 RAW_SIGNATURE = "serving_raw"  # history [None, None] raw ids, length [None], user [None] raw id

@@ -128,7 +128,8 @@ def main(argv):
     return
   try:
     with _model_dir_lock(config):  # before TensorFlow starts: a busy model_dir fails at once
-      config_lib.check_saved_config(config)  # again: now no other trainer can change model_dir
+      # Again: now no other trainer can change model_dir.
+      config_lib.check_saved_config(config, manifest)
       from trainer import train_lib
       try:
         result = train_lib.train(config, manifest)
@@ -164,12 +165,12 @@ def _launch_on_ray(config: config_lib.TrainerConfig) -> None:
     raise config_lib.ConfigError(f"--strategy={config.strategy}: --launcher=ray trains with "
                                  "--strategy=multi_worker")
   config = dataclasses.replace(config, strategy="multi_worker")
-  config_lib.validate(dataclasses.replace(config, strategy="default"))
+  manifest = config_lib.validate(dataclasses.replace(config, strategy="default"))
   from trainer import ray_launcher  # pylint: disable=import-outside-toplevel
   ray_launcher.import_ray_train()  # a missing extra is one line before anything starts
   try:
     with locks.exclusive(config.model_dir, "trainer"):
-      config_lib.check_saved_config(config)
+      config_lib.check_saved_config(config, manifest)
       try:
         metrics = ray_launcher.run(config, FLAGS.num_workers, FLAGS.ray_address,
                                    FLAGS.cpus_per_worker, FLAGS.use_gpu)

@@ -20,11 +20,13 @@ same best/ again.
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from contracts.errors import ConfigError, DataError
 from contracts.fileio import write_json_atomic
 from contracts.model_layout import BEST_DIR, BEST_FILE, CURVE_FILE
+from trainer import checkpoints
 
 
 
@@ -129,24 +131,14 @@ def best_prefix(checkpoint_dir: Path, best: dict) -> Path:
   return Path(checkpoint_dir) / BEST_DIR / best["checkpoint"]
 
 
-def _latest_regular(checkpoint_dir: Path) -> str | None:
-  """The latest checkpoint the CheckpointManager recorded (its `checkpoint` text file)."""
-  state = Path(checkpoint_dir) / "checkpoint"
-  if not state.is_file():
-    return None
-  for line in state.read_text().splitlines():
-    if line.startswith("model_checkpoint_path:"):
-      name = line.split(":", 1)[1].strip().strip('"')
-      return str(Path(checkpoint_dir) / name) if not Path(name).is_absolute() else name
-  return None
-
-
-def checkpoint_to_evaluate(checkpoint_dir: Path, which: str) -> tuple[str, int]:
+def checkpoint_to_evaluate(checkpoint_dir: Path, which: str,
+                           report: Callable[[str], None] | None = None) -> tuple[str, int]:
   """--eval_checkpoint (best | latest | "" | a path prefix) -> (prefix, its step).
 
   "" is what the training run evaluated and exported: the best checkpoint
-  when it kept one, else the latest. No TensorFlow: a wrong choice is a flag
-  error before it starts.
+  when it kept one, else the latest: the state file's, or the newest
+  ckpt-N.index when the state file is missing or garbage (said through
+  `report`). No TensorFlow: a wrong choice is a flag error before it starts.
   """
   best = read_best(checkpoint_dir)
   if which == "best" or (not which and best is not None):
@@ -154,10 +146,16 @@ def checkpoint_to_evaluate(checkpoint_dir: Path, which: str) -> tuple[str, int]:
       raise ConfigError(f"--eval_checkpoint=best: no {best_file(checkpoint_dir)} (trained "
                         "without --early_stopping_metric?)")
     return str(best_prefix(checkpoint_dir, best)), int(best["step"])
-  prefix = _latest_regular(checkpoint_dir) if which in ("", "latest") else which
+  prefix = which
+  if which in ("", "latest"):
+    listing = checkpoints.listed(checkpoint_dir)
+    prefix = listing.prefixes[-1] if listing.prefixes else None
+    if listing.recovered and prefix and report is not None:
+      report(f"{listing.recovered}; the latest ckpt-N.index is {prefix}")
   if not prefix:
-    raise ConfigError(f"--eval_checkpoint={which or 'latest'}: no checkpoint in {checkpoint_dir}")
+    why = f" ({listing.recovered})" if which in ("", "latest") and listing.recovered else ""
+    raise ConfigError(f"--eval_checkpoint={which or 'latest'}: no checkpoint in "
+                      f"{checkpoint_dir}{why}")
   if not Path(prefix + ".index").is_file():
     raise ConfigError(f"--eval_checkpoint={which or 'latest'}: {prefix}.index does not exist")
-  number = Path(prefix).name.rsplit("-", 1)[-1]
-  return prefix, int(number) if number.isdigit() else -1
+  return prefix, checkpoints.number(prefix)

@@ -42,11 +42,12 @@ import tensorflow as tf
 from absl import logging
 
 from contracts import manifest as mf
+from contracts.errors import DataError
 from contracts.fileio import os_error_reason, remove_path, write_json_atomic
 from contracts.model_layout import CHECKPOINT_DIR, METRICS_FILE
 from trainer import cluster
 from trainer import config as config_lib
-from trainer import input_pipeline, registry, selection, strategies
+from trainer import checkpoints, input_pipeline, registry, selection, strategies
 from trainer.config import TrainerConfig
 
 WORKER_TMP_DIR = "worker_tmp"  # non-chief workers' checkpoints, removed at the end
@@ -198,13 +199,16 @@ class Trainer:
     # No RNG state to save: dropout masks and negative pools are functions of
     # (seed, step, replica) (models.SeededDropout).
     self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+    self.manager = self._checkpoint_manager()
+    self._eval_writer = None
+    self._broadcast = None  # _agree's collective, built on first use
+
+  def _checkpoint_manager(self) -> tf.train.CheckpointManager:
     checkpoint_dir = self.model_dir / CHECKPOINT_DIR
     if not self.is_chief:  # other workers write where nobody reads (TF's documented pattern)
       checkpoint_dir = self._worker_tmp_dir()
-    self.manager = tf.train.CheckpointManager(self.checkpoint, str(checkpoint_dir),
-                                              max_to_keep=config.keep_checkpoints)
-    self._eval_writer = None
-    self._broadcast = None  # _agree's collective, built on first use
+    return tf.train.CheckpointManager(self.checkpoint, str(checkpoint_dir),
+                                      max_to_keep=self.config.keep_checkpoints)
 
   def _worker_tmp_dir(self) -> Path:
     return self.model_dir / WORKER_TMP_DIR / self.cluster.worker_name
@@ -214,12 +218,34 @@ class Trainer:
     return int(self.optimizer.iterations.numpy())
 
   def restore(self) -> int:
-    # Every worker restores the chief's checkpoint: a non-chief's own
-    # worker_tmp/ copy outlives a crash and may be from another step.
-    latest = tf.train.latest_checkpoint(str(self.model_dir / CHECKPOINT_DIR))
-    if latest:
-      self.checkpoint.restore(latest).assert_existing_objects_matched()
-      logging.info("resumed from %s at step %d", latest, self.global_step)
+    """Restores the newest intact checkpoint of model_dir; its step.
+
+    Every worker restores the chief's checkpoint (a non-chief's own
+    worker_tmp/ copy outlives a crash and may be from another step) and
+    picks it the same way: each reads the same files. A damaged newer one
+    is skipped with one log line; the chief then rewrites the state file
+    without it, so the next save at that step replaces it.
+    """
+    found = checkpoints.newest_intact(self.checkpoint_dir)
+    listing = found.listing
+    if listing.recovered:
+      if not listing.prefixes:
+        raise TrainingError(f"{listing.recovered}, and no ckpt-N.index file is beside it; "
+                            "remove it to train from step 0")
+      logging.info("%s; recovered the checkpoint list from the ckpt-N.index files: %s",
+                   listing.recovered, ", ".join(Path(p).name for p in listing.prefixes))
+    if found.prefix is None:
+      if found.damaged:
+        raise TrainingError(f"no intact checkpoint to resume from: {found.describe_damage()}; "
+                            f"move {self.checkpoint_dir} away to train from step 0")
+      return self.global_step
+    if found.damaged:
+      logging.info("%s; resuming from %s instead", found.describe_damage(), found.prefix)
+    if self.is_chief and (listing.recovered or found.damaged):
+      checkpoints.write_state(self.checkpoint_dir, found.intact)
+      self.manager = self._checkpoint_manager()  # it reads the list back
+    self.checkpoint.restore(found.prefix).assert_existing_objects_matched()
+    logging.info("resumed from %s at step %d", found.prefix, self.global_step)
     return self.global_step
 
   def _train_loop_function(self):
@@ -279,15 +305,24 @@ class Trainer:
                             config_lib.SELECTION_SPLIT, c.early_stopping_patience, step)
     best, kept = chosen.best(), selection.read_best(self.checkpoint_dir)
     if best is not None and (kept is None or kept["step"] != best["step"]):
-      raise TrainingError(
-          f"{selection.best_file(self.checkpoint_dir)} names step "
-          f"{kept and kept['step']}, but the validation curve's best is step {best['step']}; "
-          "the model directory was changed by hand, use another --model_dir")
-    if chosen.curve:
+      if kept is not None and kept["step"] > step:
+        # Resumed before a damaged checkpoint: the evaluations after `step` are
+        # repeated, take the same decisions and write best/ again (checked at the end).
+        logging.info("%s names step %d, after the restored step %d: the evaluations from "
+                     "there are repeated", selection.best_file(self.checkpoint_dir),
+                     kept["step"], step)
+      else:
+        raise TrainingError(self._best_mismatch(kept, best))
+    if chosen.curve and best is not None:
       logging.info("selection on %s %s: %d evaluations up to step %d, best %.4f at step %d",
                    chosen.split, chosen.metric, len(chosen.curve), step, best[chosen.metric],
                    best["step"])
     return chosen
+
+  def _best_mismatch(self, kept: dict | None, best: dict) -> str:
+    return (f"{selection.best_file(self.checkpoint_dir)} names step "
+            f"{kept and kept['step']}, but the validation curve's best is step {best['step']}; "
+            "the model directory was changed by hand, use another --model_dir")
 
   def _select(self, evaluator, chosen: selection.Selection, step: int) -> None:
     """Evaluates the valid split at `step`, keeps the weights if they are the best."""
@@ -317,6 +352,10 @@ class Trainer:
 
   def _restore_best(self, best: dict) -> None:
     prefix = selection.best_prefix(self.checkpoint_dir, best)
+    try:
+      checkpoints.verify(str(prefix))
+    except checkpoints.DamagedCheckpoint as e:
+      raise TrainingError(f"the best evaluation's checkpoint (step {best['step']}): {e}") from e
     tf.train.Checkpoint(model=self.model).read(str(prefix)).assert_consumed()
     logging.info("restored the best evaluation, step %d (%s %.4f), from %s", best["step"],
                  best["metric"], best["value"], prefix)
@@ -357,7 +396,7 @@ class Trainer:
       remove_leftovers(self.model_dir)
     step = self.restore()
     if self.is_chief:
-      config_lib.save(c)
+      config_lib.save(c, self.manifest)
     if step >= self.total_steps:
       logging.info("already trained %d >= %d steps", step, self.total_steps)
     reader = input_pipeline.TrainReader(self.manifest, c.batch_size, c.seed, self.steps_per_epoch,
@@ -454,8 +493,10 @@ class Trainer:
     elif not interrupted:
       chosen_step = step
       if chosen is not None and chosen.best() is not None:
-        best = chosen.best()
-        self._restore_best(selection.read_best(self.checkpoint_dir))
+        best, kept = chosen.best(), selection.read_best(self.checkpoint_dir)
+        if kept is None or kept["step"] != best["step"]:
+          raise TrainingError(self._best_mismatch(kept, best))
+        self._restore_best(kept)
         chosen_step = best["step"]
       evaluated, headline = evaluate_every_split(c, self.manifest, self.model,
                                                  reranked_dir=self.model_dir)
@@ -519,7 +560,11 @@ def evaluate_checkpoint(config: TrainerConfig, manifest) -> dict:
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
     keras.mixed_precision.set_global_policy("mixed_float16" if has_gpu else "mixed_bfloat16")
   prefix, step = selection.checkpoint_to_evaluate(Path(config.model_dir) / CHECKPOINT_DIR,
-                                                  config.eval_checkpoint)
+                                                  config.eval_checkpoint, report=logging.info)
+  try:
+    checkpoints.verify(prefix)
+  except checkpoints.DamagedCheckpoint as e:
+    raise DataError(f"--mode=eval: {e}") from e
   model = build_model(config, manifest)
   # A training checkpoint also holds the optimizer, which evaluation does not need.
   tf.train.Checkpoint(model=model).read(prefix).expect_partial().assert_existing_objects_matched()
