@@ -11,6 +11,12 @@ so "beats most-popular" is a meaningful check on it:
   category, the first successor most likely); otherwise the user stays in
   the current category or switches to a favourite (`switch_prob`), and picks
   an item there by popularity.
+* Interruptions (`interrupt_prob`, off unless a preset sets it): a click is
+  one of `trending_items` trending articles (a pool outside every thread,
+  drawn by popularity) that leaves the user's thread as it was, so the
+  next click continues from the click before the interruption. A
+  first-order Markov chain sees the interruption as the last click and
+  predicts from it; a sequence model can look past it.
 
 Generation is vectorised over users: one numpy step per click position,
 with users ordered by length so the active users are always a prefix.
@@ -44,6 +50,8 @@ class SyntheticConfig:
   switch_prob: float = 0.15  # move to a (favourite) category
   explore_prob: float = 0.2  # a switch goes to a non-favourite category
   drift_prob: float = 0.01  # per click: one favourite is replaced
+  interrupt_prob: float = 0.0  # a click is a trending item outside the thread
+  trending_items: int = 40  # the pool of interruptions (when interrupt_prob > 0)
   num_successors: int = 3
   same_category_successors: float = 0.8
   favourite_categories: int = 3
@@ -60,15 +68,23 @@ class SyntheticConfig:
       raise ValueError("need 1 <= --min_clicks_per_user <= --mean_clicks_per_user")
     if self.follow_prob + self.switch_prob > 1:
       raise ValueError("--follow_prob + --switch_prob must be <= 1")
+    if not 0 <= self.interrupt_prob < 1:
+      raise ValueError(f"--interrupt_prob={self.interrupt_prob}: must be in [0, 1)")
+    if self.interrupt_prob > 0 and not 1 <= self.trending_items <= (
+        self.num_items - self.num_categories):
+      raise ValueError(f"--trending_items={self.trending_items}: must be in [1, num_items - "
+                       f"num_categories] ({self.num_items - self.num_categories})")
 
 
 PRESETS = {
     # unit tests: a second or less end to end
     "tiny": SyntheticConfig(num_users=300, num_items=400, num_categories=8,
                             mean_clicks_per_user=12),
-    # make demo: the whole pipeline in a few minutes on 2 CPU cores
+    # make demo: the whole pipeline in a few minutes on 2 CPU cores. The
+    # interruptions are what a sequence model gains over the first-order
+    # Markov chain (without them the chain is as good as sasrec here).
     "demo": SyntheticConfig(num_users=6000, num_items=4000, num_categories=40,
-                            mean_clicks_per_user=24),
+                            mean_clicks_per_user=24, interrupt_prob=0.3),
     # the notebooks' real scale (train_click_log.csv: 200k users, 364k
     # articles, 1.1M clicks), for benchmarks
     "news": SyntheticConfig(num_users=200_000, num_items=364_047, num_categories=461,
@@ -103,7 +119,11 @@ class _CategorySampler:
 
 
 def generate(config: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-  """Returns (train_click_log, articles) frames in the notebooks' schema."""
+  """Returns (train_click_log, articles) frames in the notebooks' schema.
+
+  With interruptions, `log.attrs["trending_article_ids"]` lists the pool's
+  article ids (sorted), so an analysis can tell interruptions apart.
+  """
   config.validate()
   rng = np.random.default_rng(config.seed)
   n_items, n_cats, n_users = config.num_items, config.num_categories, config.num_users
@@ -112,6 +132,14 @@ def generate(config: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
   item_cat = rng.choice(n_cats, size=n_items, p=cat_weight / cat_weight.sum())
   item_cat[:min(n_cats, n_items)] = np.arange(min(n_cats, n_items))  # no empty category
   item_weight = 1.0 / rng.permutation(np.arange(1, n_items + 1)) ** config.item_zipf
+  if config.interrupt_prob > 0:  # no draw otherwise: presets without it stay byte-identical
+    # Trending articles are only ever interruptions: weight 0 in the threads.
+    # The first n_cats items keep every category non-empty, so they stay out.
+    trending = n_cats + rng.choice(n_items - n_cats, config.trending_items, replace=False)
+    trending_cdf = np.cumsum(item_weight[trending]) / item_weight[trending].sum()
+    trending_cdf[-1] = 1.0
+    item_weight = item_weight.copy()
+    item_weight[trending] = 0.0
   sampler = _CategorySampler(item_cat, item_weight)
   used_cats = np.unique(item_cat)
   used_cat_p = cat_weight[used_cats] / cat_weight[used_cats].sum()
@@ -165,9 +193,16 @@ def generate(config: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     item = sampler.in_category(cat, rng)
     slot = np.searchsorted(successor_cdf, rng.random(n), side="right")
     item[follow] = successors[last_item[:n][follow], slot[follow]]
+    thread = np.ones(n, bool)
+    if config.interrupt_prob > 0:  # no draw otherwise: presets without it stay byte-identical
+      interrupted = rng.random(n) < config.interrupt_prob
+      item[interrupted] = trending[np.searchsorted(
+          trending_cdf, rng.random(int(interrupted.sum())), side="right")]
+      thread = ~interrupted
     clicks[offsets[:n] + t] = item
-    last_item[:n] = item
-    current_cat[:n] = item_cat[item]
+    # An interruption moves neither the last thread click nor the category.
+    last_item[:n][thread] = item[thread]
+    current_cat[:n][thread] = item_cat[item[thread]]
 
   # Times: sessions of clicks minutes apart, sessions hours apart.
   total = offsets[-1]
@@ -203,6 +238,8 @@ def generate(config: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
       "created_at_ts": created,
       "words_count": np.maximum(10, rng.lognormal(np.log(190), 0.4, n_items)).astype(np.int64),
   }).sort_values("article_id").reset_index(drop=True)
+  if config.interrupt_prob > 0:
+    log.attrs["trending_article_ids"] = np.sort(raw_item[trending])
   return log, articles
 
 

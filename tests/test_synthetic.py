@@ -1,4 +1,5 @@
 import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -70,9 +71,61 @@ def test_no_sequential_signal_in_independent_clicks(tmp_path):
   assert results["markov"]["hit_rate@10"] < 1.2 * results["most_popular"]["hit_rate@10"]
 
 
+def _leave_one_out_follow_share(prev: np.ndarray, nxt: np.ndarray, rows: np.ndarray) -> float:
+  """Mean over `rows` of #(prev -> nxt pairs) / #(pairs from prev), each row's own pair
+  left out: how well the counts from `prev` predict `nxt`."""
+  pair_keys, pair_inverse, pair_counts = np.unique(
+      np.stack([prev, nxt], axis=1), axis=0, return_inverse=True, return_counts=True)
+  del pair_keys
+  _, prev_inverse, prev_counts = np.unique(prev, return_inverse=True, return_counts=True)
+  same_pair = pair_counts[pair_inverse.ravel()][rows] - 1.0
+  from_prev = prev_counts[prev_inverse.ravel()][rows] - 1.0
+  return float(np.mean(same_pair / np.maximum(from_prev, 1.0)))
+
+
+def test_after_an_interruption_the_click_before_it_predicts_the_next_click():
+  """Interruptions leave the thread as it was: in the triples (a, b, c) of
+  consecutive clicks where b is a trending interruption, the clicks that
+  follow a two steps later predict c far better than the clicks that follow
+  b; where b is a thread click, b predicts c better than a does (first order)."""
+  config = dataclasses.replace(TINY, interrupt_prob=0.3, num_users=600)
+  log, _ = synthetic.generate(config)
+  trending = log.attrs["trending_article_ids"]
+  assert len(trending) == config.trending_items
+  log = log.sort_values(["user_id", "click_timestamp"], kind="stable")
+  user, item = log["user_id"].to_numpy(), log["click_article_id"].to_numpy()
+  # Triples (a, b, c) inside one user.
+  triple = np.flatnonzero((user[2:] == user[:-2]))
+  a, b, c = item[triple], item[triple + 1], item[triple + 2]
+  interrupted = np.isin(b, trending) & ~np.isin(a, trending) & ~np.isin(c, trending)
+  in_thread = ~np.isin(a, trending) & ~np.isin(b, trending) & ~np.isin(c, trending)
+  assert interrupted.sum() > 500 and in_thread.sum() > 500
+  rows = np.flatnonzero(interrupted)
+  from_b, from_a = (_leave_one_out_follow_share(b, c, rows),
+                    _leave_one_out_follow_share(a, c, rows))
+  assert from_a > 3 * from_b, (from_a, from_b)
+  rows = np.flatnonzero(in_thread)
+  assert _leave_one_out_follow_share(b, c, rows) > _leave_one_out_follow_share(a, c, rows)
+
+
+def test_interruptions_are_off_unless_asked_for():
+  """Presets without interruptions draw nothing for them: tiny's log (which the
+  tests' fixtures use) is the one generated before the option existed, and no
+  pool is named."""
+  log, _ = synthetic.generate(TINY)
+  assert "trending_article_ids" not in log.attrs
+  columns = log[["user_id", "click_article_id", "click_timestamp"]].to_numpy()
+  assert hashlib.sha256(columns.tobytes()).hexdigest() == (
+      "9df37629e5405405b372d2b11ca3d9d4f64ddf9239a25d1921aef566419a4890")
+
+
 def test_invalid_config_is_refused():
   with pytest.raises(ValueError, match="follow_prob"):
     synthetic.generate(dataclasses.replace(TINY, follow_prob=0.9, switch_prob=0.2))
+  with pytest.raises(ValueError, match="interrupt_prob"):
+    synthetic.generate(dataclasses.replace(TINY, interrupt_prob=1.0))
+  with pytest.raises(ValueError, match="trending_items"):
+    synthetic.generate(dataclasses.replace(TINY, interrupt_prob=0.1, trending_items=0))
 
 
 def test_overwrite_replaces_its_own_output_but_not_a_real_log_with_the_same_names(tmp_path):

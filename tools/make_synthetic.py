@@ -24,13 +24,16 @@ flags.DEFINE_integer("num_users", None, "Override the preset's user count.")
 flags.DEFINE_integer("num_items", None, "Override the preset's item count.")
 flags.DEFINE_integer("num_categories", None, "Override the preset's category count.")
 flags.DEFINE_float("mean_clicks_per_user", None, "Override the preset's mean clicks per user.")
+flags.DEFINE_float("interrupt_prob", None, "Override the preset's share of interruptions "
+                   "(trending clicks outside the thread; 0: none).")
 flags.mark_flag_as_required("output_dir")
 
 
 def main(argv):
   del argv
   overrides = {name: getattr(FLAGS, name) for name in
-               ("seed", "num_users", "num_items", "num_categories", "mean_clicks_per_user")
+               ("seed", "num_users", "num_items", "num_categories", "mean_clicks_per_user",
+                "interrupt_prob")
                if getattr(FLAGS, name) is not None}
   config = dataclasses.replace(synthetic.PRESETS[FLAGS.preset], **overrides)
   try:
