@@ -168,3 +168,20 @@ def test_mixed_precision_under_mirrored_on_two_cpus(tiny_windows, tmp_path):
     assert np.isfinite(result.metrics["ndcg@10"])
     losses = train_lib.train_scalars(tmp_path / loss, "loss")
     assert losses and all(np.isfinite(v) and v > 0 for v in losses.values())
+
+
+@pytest.mark.slow
+def test_float16_policy_trains_with_loss_scaling(tiny_windows, tmp_path, monkeypatch):
+  """A GPU's policy, mixed_float16, forced on the CPU: the optimizer scales
+  the loss, and masking stays finite where -1e9 would be -inf in float16."""
+  monkeypatch.setattr(precision, "policy_name", lambda mixed: precision.MIXED_FLOAT16
+                      if mixed else precision.FLOAT32)
+  config = mixed_config("sasrec", tiny_windows, tmp_path / "m", loss="in_batch", export=False)
+  trainer = train_lib.Trainer(config, tiny_windows)
+  assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+  assert trainer.model.item_embedding.compute_dtype == "float16"
+  result = trainer.run()
+  assert result.global_step == config.train_steps
+  assert np.isfinite(result.metrics["ndcg@10"])
+  losses = train_lib.train_scalars(tmp_path / "m", "loss")
+  assert losses and all(np.isfinite(v) and v > 0 for v in losses.values())
