@@ -55,6 +55,33 @@ def test_a_model_only_checkpoint_restores_every_gru_layer(tmp_path):
     np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
+
+def test_jit_compile_trains_the_unrolled_gru_with_the_same_gradients():
+  """--jit_compile: the trainer XLA-compiles the forward pass and takes its
+  gradient outside (train_lib). The GRU's while loop cannot cross that
+  boundary; the unrolled GRU gives the while loop's gradients, same weights."""
+  looped, unrolled = tiny_model(seed=3, jit_compile=False), tiny_model(seed=3, jit_compile=True)
+  for copy, original in zip(unrolled.weights, looped.weights, strict=True):
+    copy.assign(original)
+  history = tf.constant([[0, 0, 0, 3, 4, 5], [0, 1, 2, 3, 4, 9]])
+
+  def gradients(model, jit_compile):
+    forward = tf.function(lambda h: model.query_sequence(h, NO_USER, training=True)[:, -1, :1],
+                          jit_compile=jit_compile)
+
+    @tf.function
+    def step(history):
+      with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(forward(history))
+      return tape.gradient(loss, model.trainable_variables)
+    return [tf.convert_to_tensor(g).numpy() for g in step(history)]
+
+  with pytest.raises(tf.errors.UnimplementedError, match="TensorList"):
+    gradients(looped, jit_compile=True)
+  for got, want in zip(gradients(unrolled, jit_compile=True),
+                       gradients(looped, jit_compile=False)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
 @pytest.mark.slow
 def test_trains_selects_exports_and_the_retrieval_job_reproduces_its_metrics(tiny_windows,
                                                                               tmp_path):

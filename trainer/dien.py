@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from trainer.config import EVOLUTIONS
 from trainer.models import SeededDropout, checkpoint_list
+from trainer.precision import large_negative
 
 
 def _f32(x: tf.Tensor) -> tf.Tensor:
@@ -223,7 +224,7 @@ class DIEN(keras.Model):
     x = tf.concat([q, states, q - states, q * states], axis=-1)
     for layer in self.attention_mlp:
       x = layer(x)
-    scores = tf.where(mask, tf.squeeze(_f32(x), -1), tf.constant(-1e9, tf.float32))
+    scores = tf.where(mask, tf.squeeze(_f32(x), -1), large_negative(tf.float32))
     return tf.nn.softmax(scores, axis=-1)
 
   def auxiliary_loss(self, states, history, history_items, mask, seed) -> tf.Tensor:

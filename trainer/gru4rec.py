@@ -27,8 +27,11 @@ class GRU4Rec(RetrievalModel):
     dim = config.emb_dim
     self.item_embedding = keras.layers.Embedding(data.num_items, dim, name="item_emb")
     self.input_dropout = self.dropout(config.dropout)
+    # Under XLA (--jit_compile) the loop is unrolled: the gradient of Keras'
+    # while loop passes a TensorList across the XLA boundary, which TensorFlow
+    # does not implement. The weights are the same either way.
     self.grus = checkpoint_list(self, "grus", [
-        keras.layers.GRU(dim, return_sequences=True, name=f"gru_{i}")
+        keras.layers.GRU(dim, return_sequences=True, unroll=config.use_xla, name=f"gru_{i}")
         for i in range(config.num_blocks)])
     self.output_dropout = self.dropout(config.dropout)
     self.shared_embeddings = config.share_item_embeddings

@@ -25,13 +25,15 @@ batch's real candidates. What the notebooks lack is behind a flag each:
   with the full pool).
 
 Rows with weight 0 (padding positions of a window) are neither queries nor
-negatives. Logits are computed in float32.
+negatives. Logits are computed in float32 whatever the inputs' dtype (mixed
+precision, trainer/precision.py); a masked logit is a large finite negative, so
+rows of padding stay NaN-free.
 """
 
 import numpy as np
 import tensorflow as tf
 
-_MASKED = -1e9  # finite, so rows of padding stay NaN-free
+from trainer.precision import large_negative
 
 
 class InBatchSoftmaxLoss(tf.Module):
@@ -106,7 +108,7 @@ class InBatchSoftmaxLoss(tf.Module):
     drop |= ~(pool_weights[None, :] > 0)
     if self.remove_accidental_hits:
       drop |= tf.equal(pool_ids[None, :], candidate_ids[:, None])
-    negatives = tf.where(drop, tf.constant(_MASKED, tf.float32), negatives)
+    negatives = tf.where(drop, large_negative(negatives.dtype), negatives)
     logits = tf.concat([positive[:, None], negatives], axis=1)
     loss = tf.reduce_logsumexp(logits, axis=1) - positive
 
@@ -130,7 +132,7 @@ class InBatchSoftmaxLoss(tf.Module):
     drop = ~(all_weights[None, :] > 0)
     if self.remove_accidental_hits:  # another query whose positive is this item
       drop |= tf.equal(all_ids[None, :], candidate_ids[:, None])
-    logits = tf.where(drop & ~is_label, tf.constant(_MASKED, tf.float32), logits)
+    logits = tf.where(drop & ~is_label, large_negative(logits.dtype), logits)
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=rows, logits=logits)
 
 
@@ -263,7 +265,8 @@ def _weighted_sampled_cross_entropy(query, positive, positive_log_q, sample, sam
   query = query * inverse_temperature
   positive_logit = tf.reduce_sum(query * positive, axis=-1) - positive_log_q
   negative_logits = tf.matmul(query, sample, transpose_b=True) - sample_log_q[None, :]
-  negative_logits = tf.where(is_hit, tf.constant(_MASKED, tf.float32), negative_logits)
+  negative_logits = tf.where(is_hit, large_negative(negative_logits.dtype),
+                             negative_logits)
   logits = tf.concat([positive_logit[:, None], negative_logits], axis=1)
   return tf.reduce_sum((tf.reduce_logsumexp(logits, axis=-1) - positive_logit) * weights)
 

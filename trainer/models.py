@@ -32,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import precision
 from trainer.config import TrainerConfig
 
 
@@ -129,10 +130,13 @@ class CausalSelfAttention(keras.layers.Layer):
     q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # each [B, H, L, d]
     if last_query_only:
       q = q[:, :, -1:, :]
-    scores = tf.einsum("bhqd,bhkd->bhqk", q, k) / tf.math.sqrt(float(self.head_dim))
-    scores = tf.where(mask[:, None, :, :], scores, tf.constant(-1e9, scores.dtype))
-    weights = self.attention_dropout(tf.nn.softmax(scores, axis=-1), seed=seed,
-                                            training=training)
+    # Scores and softmax in float32 under mixed precision too (the Keras
+    # convention): bfloat16's 8 significant bits would tie scores 0.4% apart.
+    scores = tf.cast(tf.einsum("bhqd,bhkd->bhqk", q, k), tf.float32) / tf.math.sqrt(
+        float(self.head_dim))
+    scores = tf.where(mask[:, None, :, :], scores, precision.large_negative(tf.float32))
+    weights = tf.cast(tf.nn.softmax(scores, axis=-1), v.dtype)
+    weights = self.attention_dropout(weights, seed=seed, training=training)
     context = tf.einsum("bhqk,bhkd->bqhd", weights, v)
     return self.output_projection(tf.reshape(context, [batch, tf.shape(q)[2], -1]))
 

@@ -100,7 +100,8 @@ register(ModelEntry(
 # recipe's optimisation and selection), the GRU as wide as the embedding;
 # temperature 0.07 beat 0.05 and 0.1 on Beauty's validation split
 # (configs/beauty_gru4rec.flags).
-# No XLA: the gradient of Keras' GRU loop passes a TensorList across the XLA
+# No XLA by default: --jit_compile has to unroll the GRU (trainer/gru4rec.py),
+# since the gradient of Keras' GRU loop passes a TensorList across the XLA
 # boundary, which TensorFlow does not implement.
 register(ModelEntry(
     name="gru4rec", model_class="trainer.gru4rec:GRU4Rec",

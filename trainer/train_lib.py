@@ -47,7 +47,7 @@ from contracts.fileio import os_error_reason, remove_path, write_json_atomic
 from contracts.model_layout import CHECKPOINT_DIR, METRICS_FILE
 from trainer import cluster
 from trainer import config as config_lib
-from trainer import checkpoints, input_pipeline, registry, selection, strategies
+from trainer import checkpoints, input_pipeline, precision, registry, selection, strategies
 from trainer.config import TrainerConfig
 
 WORKER_TMP_DIR = "worker_tmp"  # non-chief workers' checkpoints, removed at the end
@@ -135,7 +135,8 @@ def task_class(config: TrainerConfig) -> type:
 def build_model(config: TrainerConfig, manifest):
   """The model of --model with its variables created (call inside the strategy scope)."""
   entry = registry.get(config.model)
-  return entry.load_task_class().build_model(config, manifest, entry.load_model_class())
+  with precision.policy_scope(precision.policy_name(config.mixed_precision)):
+    return entry.load_task_class().build_model(config, manifest, entry.load_model_class())
 
 
 class _StopFlag:
@@ -167,9 +168,6 @@ class Trainer:
     self.config, self.manifest = config, manifest
     self.model_dir = Path(config.model_dir)
     set_random_seeds(config.seed)
-    if config.mixed_precision:
-      has_gpu = bool(tf.config.list_physical_devices("GPU"))
-      keras.mixed_precision.set_global_policy("mixed_float16" if has_gpu else "mixed_bfloat16")
     self.strategy = strategies.create(config)
     replicas = self.strategy.num_replicas_in_sync
     if config.batch_size % replicas:
@@ -191,7 +189,7 @@ class Trainer:
       if config.weight_decay:
         # Decaying a LayerNorm scale or a bias toward 0 is not a prior anyone wants.
         optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
-      if keras.mixed_precision.global_policy().name == "mixed_float16":
+      if precision.needs_loss_scale(precision.policy_name(config.mixed_precision)):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
       self.optimizer = optimizer
       self.optimizer.build(self.model.trainable_variables)
@@ -556,9 +554,6 @@ def evaluate_checkpoint(config: TrainerConfig, manifest) -> dict:
   training (so the best checkpoint reproduces metrics.json), without training
   and without writing anything."""
   set_random_seeds(config.seed)
-  if config.mixed_precision:
-    has_gpu = bool(tf.config.list_physical_devices("GPU"))
-    keras.mixed_precision.set_global_policy("mixed_float16" if has_gpu else "mixed_bfloat16")
   prefix, step = selection.checkpoint_to_evaluate(Path(config.model_dir) / CHECKPOINT_DIR,
                                                   config.eval_checkpoint, report=logging.info)
   try:
