@@ -48,20 +48,28 @@ def _sigterm_as_exit() -> Iterator[None]:
     signal.signal(signal.SIGTERM, previous)
 
 
+def check_directory_outside_inputs(directory: Path, inputs: tuple[Path | str, ...],
+                                   label: str) -> None:
+  """Refuses (DataError, the message starting with `label`) an output
+  `directory` that is a file, or that is or holds one of the job's `inputs`
+  (replacing or clearing it could delete them)."""
+  if directory.exists() and not directory.is_dir():
+    raise DataError(f"{label}: exists and is not a directory")
+  resolved = directory.resolve()
+  for path in inputs:
+    path = Path(path).resolve()
+    if path == resolved or resolved in path.parents:
+      raise DataError(f"{label}: holds the input {path}, which replacing it would delete; "
+                      "choose an output directory outside the inputs")
+
+
 def check_replaceable(final_dir: Path | str, overwrite: bool, own_file: str | None = None,
                       inputs: tuple[Path | str, ...] = (), job: str = "preprocess") -> None:
   """Refuses (DataError) to replace `final_dir` when it is a file, holds one of
   the job's `inputs`, or is not empty and either `overwrite` is off or it is
   not this job's output (no `own_file` in it; None: any directory is)."""
   final_dir = Path(final_dir).absolute()
-  if final_dir.exists() and not final_dir.is_dir():
-    raise DataError(f"{final_dir}: exists and is not a directory")
-  resolved = final_dir.resolve()
-  for path in inputs:
-    path = Path(path).resolve()
-    if path == resolved or resolved in path.parents:
-      raise DataError(f"{final_dir}: holds the input {path}, which replacing it would delete; "
-                      "choose an output directory outside the inputs")
+  check_directory_outside_inputs(final_dir, inputs, f"{final_dir}")
   if not is_nonempty_dir(final_dir):
     return
   if not overwrite:

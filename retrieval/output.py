@@ -41,7 +41,7 @@ from contracts import locks
 from contracts.candidates import (CANDIDATES_DIR, INDEX_DIR, JOB_FILE, LABELS_FILE, METRICS_FILE,
                                   SUCCESS_FILE)
 from contracts.errors import ConfigError, DataError
-from contracts.fileio import remove_path, write_json_atomic
+from contracts.fileio import check_directory_outside_inputs, remove_path, write_json_atomic
 from retrieval.index import INDEX_FILE, INDEX_INFO_FILE
 
 CLAIM_LOCK = ".lock-claim"
@@ -128,14 +128,7 @@ def check_output_dir(out: Path, inputs: tuple[Path | str, ...]) -> None:
   """Refuses (DataError), creating nothing, an --output_dir that is a file,
   holds one of the job's `inputs`, or is not a retrieval output."""
   out = Path(out).absolute()
-  if out.exists() and not out.is_dir():
-    raise DataError(f"--output_dir={out}: exists and is not a directory")
-  resolved = out.resolve()
-  for path in inputs:
-    path = Path(path).resolve()
-    if path == resolved or resolved in path.parents:
-      raise DataError(f"--output_dir={out}: holds the input {path}; choose an output "
-                      "directory outside the inputs")
+  check_directory_outside_inputs(out, inputs, f"--output_dir={out}")
   if out.is_dir():
     _refuse_unknown(out, survey(out))
 
