@@ -18,10 +18,12 @@ where it says so, exports and re-evaluates with --mode=eval.
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 import typing
+from pathlib import Path
 
 import pytest
-from absl import flags
 
 from conftest import small_trainer_config
 from contracts.errors import ConfigError
@@ -36,11 +38,11 @@ MATRIX = {
     # --mode=eval re-evaluates the run's model directory after training (the
     # eval-only flags ride with it).
     "mode": [{"mode": "eval", "eval_checkpoint": "latest",
-              "eval_metrics_file": "{model_dir}/eval_metrics.json"}],
+              "eval_metrics_file": "{model_dir}_eval_metrics.json"}],
     "eval_checkpoint": [{"mode": "eval", "eval_checkpoint": "latest",
-                         "eval_metrics_file": "{model_dir}/eval_metrics.json"}],
+                         "eval_metrics_file": "{model_dir}_eval_metrics.json"}],
     "eval_metrics_file": [{"mode": "eval", "eval_checkpoint": "latest",
-                           "eval_metrics_file": "{model_dir}/eval_metrics.json"}],
+                           "eval_metrics_file": "{model_dir}_eval_metrics.json"}],
     "strategy": ["one_device", {"strategy": "mirrored", "num_cpu_replicas": 2}],
     "num_cpu_replicas": [{"strategy": "mirrored", "num_cpu_replicas": 2}],
     "seed": [7],
@@ -159,8 +161,17 @@ def required_settings(model: str) -> list[dict]:
   return out
 
 
+def _trainer_main_flag_names() -> set[str]:
+  """The flags trainer.main defines, read in a fresh process: another test
+  module may have defined flags of the same name (tools' --data_dir) in this one."""
+  code = ("import json; from absl import flags; from trainer import main; "
+          "print(json.dumps([f.name for f in flags.FLAGS.get_flags_for_module('trainer.main')]))")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        check=True, timeout=300)
+  return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def test_every_trainer_flag_has_a_matrix_entry():
-  from trainer import main  # noqa: F401  (defines the flags)
   missing = []
   for name, field in FIELDS.items():
     if name in NOT_VARIED:
@@ -172,7 +183,7 @@ def test_every_trainer_flag_has_a_matrix_entry():
   assert not missing, (f"trainer flags without a flag-matrix entry: {missing}; add their "
                        "values to MATRIX in tests/test_flag_matrix.py")
   assert not set(MATRIX) - set(FIELDS), "MATRIX names fields TrainerConfig no longer has"
-  defined = {f.name for f in flags.FLAGS.get_flags_for_module("trainer.main")}
+  defined = _trainer_main_flag_names()
   assert defined - set(FIELDS) == set(LAUNCHER_FLAGS), \
       "trainer.main has flags that are neither TrainerConfig fields nor launcher flags"
   # Every choice but the default is tried or excused; the matrix covers every model.
@@ -219,7 +230,7 @@ def execute(model: str, manifest, model_dir, overrides: dict) -> None:
     given = dataclasses.replace(config, **{k: overrides[k] for k in EVAL_ONLY})
     evaluation = config_lib.for_evaluation(given, set(EVAL_ONLY))
     train_lib.run_evaluation(evaluation, config_lib.validate(evaluation))
-    evaluated = json.loads((model_dir / "eval_metrics.json").read_text())
+    evaluated = json.loads(Path(f"{model_dir}_eval_metrics.json").read_text())
     assert evaluated["global_step"] == result.global_step  # latest
     if result.metrics["global_step"] == result.global_step:  # selection kept the latest
       assert evaluated[metric] == pytest.approx(result.metrics[metric], abs=1e-6)

@@ -127,7 +127,8 @@ def test_an_address_that_is_not_host_port_is_refused_without_connecting(address)
 
 
 @pytest.mark.slow
-def test_every_job_with_a_ray_engine_uses_the_bounded_connection(tmp_path, tiny_windows):
+def test_every_job_with_a_ray_engine_uses_the_bounded_connection(tmp_path, tiny_windows, tiny_data,
+                                                                 tiny_export):
   """preprocess, retrieval and trainer, each through its binary: a refused
   address ends in one line at once; a silent one (preprocess) within the bound."""
   pytest.importorskip("ray")
@@ -136,8 +137,9 @@ def test_every_job_with_a_ray_engine_uses_the_bounded_connection(tmp_path, tiny_
   commands = {
       "preprocess": ["--engine=ray", "--source=csv", f"--input={tmp_path / 'log.csv'}",
                      "--user_col=user", "--item_col=item", f"--output_dir={tmp_path / 'p'}"],
-      "retrieval": ["--engine=ray", f"--data_dir={tiny_windows.data_dir}",
-                    f"--model_dir={tmp_path / 'm'}", f"--output_dir={tmp_path / 'r'}"],
+      # A real model: retrieval checks its flags, data and model before connecting.
+      "retrieval": ["--engine=ray", f"--data_dir={tiny_data.data_dir}",
+                    f"--model_dir={tiny_export}", f"--output_dir={tmp_path / 'r'}"],
       "trainer": ["--launcher=ray", "--strategy=multi_worker",
                   f"--data_dir={tiny_windows.data_dir}", f"--model_dir={tmp_path / 'm'}"],
   }
