@@ -75,6 +75,8 @@ DEFAULT_EVAL_TOPK = (10, 20, 50)
 # FAISS HNSW needs 2 neighbours per node or more (0 aborts, 1 crashes); past a
 # few hundred the graph costs memory (8 M bytes per item at level 0) for nothing.
 HNSW_M_RANGE = (2, 512)
+# Settings of one index kind whose default is 0 (auto): set for another kind, refused.
+INDEX_ONLY_FLAGS = {"nlist": ("ivf", "ivf_pq"), "nprobe": ("ivf", "ivf_pq"), "ef_search": ("hnsw",)}
 
 
 def default_eval_topk(topk: int) -> tuple[int, ...]:
@@ -120,6 +122,11 @@ class RetrievalConfig:
     for name in ("nlist", "nprobe", "ef_search", "threads", "ann_recall_users"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")
+    # A setting another index kind reads would be ignored silently.
+    for name, kinds in INDEX_ONLY_FLAGS.items():
+      if getattr(self, name) and self.index not in kinds:
+        raise ConfigError(f"--{name}={getattr(self, name)} applies to --index="
+                          f"{' or '.join(kinds)}, not --index={self.index}")
     if self.pq_m < 1:
       raise ConfigError(f"--pq_m={self.pq_m}: must be >= 1 (and divide the embedding size)")
     low, high = HNSW_M_RANGE

@@ -277,6 +277,10 @@ def retrieval_cli(*args):
     (["--index=hnsw", "--hnsw_m=1"], "--hnsw_m=1: must be in 2..512"),
     (["--index=hnsw", "--ef_search=-1"], "--ef_search=-1: must be >= 0"),
     (["--index=ivf", "--nprobe=-2"], "--nprobe=-2: must be >= 0"),
+    # Another index kind's setting would be ignored silently.
+    (["--nlist=8"], "--nlist=8 applies to --index=ivf or ivf_pq, not --index=flat"),
+    (["--index=hnsw", "--nprobe=4"], "--nprobe=4 applies to --index=ivf or ivf_pq, not --index=hnsw"),
+    (["--index=ivf", "--ef_search=64"], "--ef_search=64 applies to --index=hnsw, not --index=ivf"),
 ])
 def test_bad_flags_fail_before_work_with_one_line(tiny_data, tiny_export, tmp_path, extra, message):
   out = tmp_path / "out"
