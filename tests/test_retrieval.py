@@ -329,7 +329,10 @@ def test_two_jobs_with_other_flags_started_together_one_wins(tiny_data, tiny_exp
   assert codes in ([0, 1], [0, 2]), results
   _, _, stderr = next(r for r in results if r[0] != 0)
   assert "holds output of a different retrieval job (differs in topk" in stderr
-  assert len(stderr.strip().splitlines()) == 1
+  # One error line; before it at most the log line saying whose claim it waited for.
+  *logged, error = stderr.strip().splitlines()
+  assert error.startswith("retrieval: error: ") and "Traceback" not in stderr, stderr
+  assert all(line.startswith("I") and "waiting for" in line for line in logged), stderr
   # The output is the winner's alone: every user has the job's topk rows.
   topk = json.loads((out / job.JOB_FILE).read_text())["topk"]
   per_user = read_candidates(out).groupby("user_id").size()
