@@ -67,9 +67,6 @@ from retrieval import user_tower as tower_lib
 
 STATS_KEY = b"retrieval_stats"
 EVAL_NONE = "none"
-SHARE_LOCK_PREFIX = output_lib.SHARE_LOCK_PREFIX
-part_prefix, part_name, success_name = (output_lib.part_prefix, output_lib.part_name,
-                                        output_lib.success_name)
 # --eval_topk's default: those of these cut-offs that are <= --topk (--topk itself when none is).
 DEFAULT_EVAL_TOPK = (10, 20, 50)
 # FAISS HNSW needs 2 neighbours per node or more (0 aborts, 1 crashes); past a
@@ -249,7 +246,7 @@ class ShareRunner:
     """Writes share `worker`'s missing parts and its success marker, holding
     the share's lock; returns the search parameters."""
     config = self.config
-    share = f"{SHARE_LOCK_PREFIX}{part_prefix(worker, config.num_workers)}"
+    share = f"{output_lib.SHARE_LOCK_PREFIX}{output_lib.part_prefix(worker, config.num_workers)}"
     with locks.exclusive_file(self.out / share, f"retrieval worker {worker} of "
                               f"{config.num_workers} of this job", self.out):
       self._run_locked(worker)
@@ -261,7 +258,7 @@ class ShareRunner:
   def _run_locked(self, worker: int) -> None:
     config, p, out = self.config, self.p, self.out
     begin, end = share_range(p.num_users, worker, config.num_workers)
-    prefix = part_prefix(worker, config.num_workers)
+    prefix = output_lib.part_prefix(worker, config.num_workers)
     (out / CANDIDATES_DIR).mkdir(exist_ok=True)
     # Temporaries of parts a killed run of this share was writing.
     for stale in (out / CANDIDATES_DIR).glob(f".{prefix}-*.tmp-*"):
@@ -275,7 +272,7 @@ class ShareRunner:
                  config.num_workers, begin, end, num_batches, config.batch_size, p.spec.kind,
                  self.search_params)
     for b, queries in enumerate(batches):
-      path = out / CANDIDATES_DIR / part_name(worker, config.num_workers, b)
+      path = out / CANDIDATES_DIR / output_lib.part_name(worker, config.num_workers, b)
       if path.exists():
         totals.append(_read_stats(path))
         skipped += 1
@@ -292,7 +289,7 @@ class ShareRunner:
     if skipped:
       logging.info("%d of %d parts were already written (resumed)", skipped, num_batches)
     summary = metrics.merge_sums(totals)
-    write_json_atomic(out / success_name(worker, config.num_workers),
+    write_json_atomic(out / output_lib.success_name(worker, config.num_workers),
                       {"worker": worker, "num_workers": config.num_workers,
                        "parts": num_batches, **summary})
 
@@ -416,7 +413,8 @@ def _model_identity(config: RetrievalConfig, p: Plan) -> dict:
 
 def finish_if_complete(out: Path, config: RetrievalConfig, p: Plan, search_params: dict) -> dict:
   """The job's metrics, _SUCCESS and metrics.json once every share's marker is there; else {}."""
-  markers = [out / success_name(w, config.num_workers) for w in range(config.num_workers)]
+  markers = [out / output_lib.success_name(w, config.num_workers)
+             for w in range(config.num_workers)]
   if not all(m.exists() for m in markers):
     logging.info("worker %d done; waiting for the other workers' markers", config.worker_index)
     return {}

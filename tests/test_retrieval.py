@@ -354,7 +354,7 @@ def test_workers_of_one_job_started_together_share_it(tiny_data, tiny_export, tm
 
 def test_a_share_that_is_running_is_not_run_twice(tiny_data, tiny_export, tmp_path):
   out = tmp_path / "out"
-  share = out / f"{job.SHARE_LOCK_PREFIX}{job.part_prefix(0, 1)}"
+  share = out / f"{output_lib.SHARE_LOCK_PREFIX}{output_lib.part_prefix(0, 1)}"
   with locks.exclusive_file(share, "test", out):
     with pytest.raises(locks.DirectoryLocked, match="in use by another retrieval worker 0 of 1"):
       job.run(job_config(tiny_data, tiny_export, out))

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import environment_without
 from retrieval import job
+from retrieval import output
 
 ray = pytest.importorskip("ray")
 from retrieval import ray_engine  # noqa: E402
@@ -70,7 +71,7 @@ class DiesOnceInAPart(ray_engine.ShareWorker):
     original = self.runner.write_part
 
     def write_part(path, *args):
-      if path.name.startswith(job.part_name(1, SHARES, 1)) and not marker.exists():
+      if path.name.startswith(output.part_name(1, SHARES, 1)) and not marker.exists():
         marker.write_text("")
         (path.parent / f".{path.name}.tmp-killed").write_bytes(b"PAR1 half a file")
         os._exit(1)
