@@ -1,17 +1,20 @@
 import dataclasses
 import hashlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import make_config
 from contracts.errors import DataError
 from preprocess import pipeline, synthetic
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
 import baselines  # noqa: E402
 
 TINY = synthetic.PRESETS["tiny"]
@@ -142,3 +145,28 @@ def test_overwrite_replaces_its_own_output_but_not_a_real_log_with_the_same_name
   synthetic.write(TINY, own, overwrite=True)
   assert (own / "articles.csv").read_bytes() == before
   assert json.loads((own / synthetic.SYNTHETIC_FILE).read_text())["seed"] == TINY.seed
+
+
+def _make_synthetic(*args):
+  return subprocess.run([sys.executable, str(TOOLS / "make_synthetic.py"), "--preset=tiny",
+                         *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_make_synthetic_interrupt_prob_flag(tmp_path):
+  """--interrupt_prob reaches the generator: the written log is the one
+  generate() makes with it; a value out of range is one line and writes nothing."""
+  done = _make_synthetic(f"--output_dir={tmp_path / 'on'}", "--interrupt_prob=0.3")
+  assert done.returncode == 0, done.stderr
+  written = pd.read_csv(tmp_path / "on" / "train_click_log.csv")
+  expected, _ = synthetic.generate(dataclasses.replace(TINY, interrupt_prob=0.3))
+  np.testing.assert_array_equal(written["click_article_id"].to_numpy(),
+                                expected["click_article_id"].to_numpy())
+  off, _ = synthetic.generate(TINY)
+  assert not np.array_equal(written["click_article_id"].to_numpy(),
+                            off["click_article_id"].to_numpy())
+  refused = _make_synthetic(f"--output_dir={tmp_path / 'bad'}", "--interrupt_prob=1.5")
+  assert refused.returncode != 0
+  assert refused.stderr.strip().splitlines()[-1].startswith(
+      "make_synthetic: error: --interrupt_prob=1.5: must be in [0, 1)"), refused.stderr
+  assert not (tmp_path / "bad").exists()
